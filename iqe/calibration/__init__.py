@@ -1,0 +1,1 @@
+"""Quantization data and operating points (thresholds) for deployed models."""

@@ -1,0 +1,1 @@
+"""PyTorch IQE-CLIP: config, modules, bundle I/O, reference import, training, data."""

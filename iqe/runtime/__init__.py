@@ -1,0 +1,1 @@
+"""Files and DICOM -> preprocessing -> batches -> runner -> results (results.jsonl, maps.npz, overlays)."""
