@@ -52,7 +52,8 @@ class MultiheadAttention(nn.Module):
         scores = (q / self.head_dim**0.5) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores + mask
-        out = scores.softmax(dim=-1) @ v
+        # softmax in float32: a no-op for FP32, and keeps FP16 exports from overflowing
+        out = scores.float().softmax(dim=-1).to(v.dtype) @ v
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.width))
 

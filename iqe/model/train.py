@@ -189,7 +189,6 @@ def train(model: IQEModel, opts: TrainOptions, out: str | Path, resume: bool = F
         torch.set_rng_state(state["torch_rng"])
     generator = torch.Generator().manual_seed(opts.seed)
     dataset = SampleDataset(train_samples, model.cfg.image_size)
-    index = {str(s.image): i for i, s in enumerate(train_samples)}
     for epoch in range(start_epoch, opts.epochs):
         model.train()
         model.visual.eval()  # frozen tower: no dropout anyway, but keep it in eval
@@ -197,13 +196,13 @@ def train(model: IQEModel, opts: TrainOptions, out: str | Path, resume: bool = F
             batches = group_batches(train_samples, opts.batch_size, seed=opts.seed + epoch)
         else:
             order = torch.randperm(len(train_samples), generator=generator).tolist()
-            batches = [[train_samples[i] for i in order[j:j + opts.batch_size]] for j in range(0, len(order), opts.batch_size)]
+            batches = [order[j:j + opts.batch_size] for j in range(0, len(order), opts.batch_size)]
         if opts.max_steps_per_epoch:
             batches = batches[: opts.max_steps_per_epoch]
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{opts.epochs}", unit="batch", disable=not progress)
-        for batch_samples in bar:
-            items = [dataset[index[str(s.image)]] for s in batch_samples]
+        for batch_indices in bar:
+            items = [dataset[i] for i in batch_indices]
             images = torch.stack([it["image"] for it in items])
             masks = torch.stack([it["mask"] for it in items])
             if opts.setting == "few":

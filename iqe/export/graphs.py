@@ -1,0 +1,133 @@
+"""Export-ready modules: the image encoder, the precomputed text branch, the head, and
+the fused image -> outputs graph (REFERENCE.md §2-6).
+
+Design choices made for deployment:
+- The text branch bakes the image-independent prefix (keys/values of every position
+  before the first CPT token, in every block) in as constants; per image only the r CPT
+  positions run through the 12 blocks.
+- The head runs the IQM once over all tapped layers (layers folded into the batch).
+- `map_smooth` is scipy's gaussian_filter as two separable 1-D convolutions with
+  half-sample symmetric ("reflect" in scipy's naming) padding, radius int(4 sigma + 0.5).
+- FP16 (`precision="fp16"`) applies to the vision encoder only, which holds ~95% of the
+  FLOPs (ViT-L/14 @240: ~175 GFLOP/image vs ~6 for IQM + text); LayerNorm statistics and
+  attention softmax stay float32 inside it (the fp32-computing LayerNorm and softmax of
+  `iqe.model.layers`), its outputs are cast to float32, and the text branch and head
+  (normalisations, exp(prompt_temp) logits, softmaxes, maps) run in float32. Masks are
+  built in the compute dtype (`causal_mask`), never as float32's minimum.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iqe.model.iqe import IQEModel
+from iqe.model.layers import LayerNormFp32
+
+HEAD_OUTPUTS = ("score", "score_query", "score_text", "score_few", "map", "map_query", "map_text", "map_smooth",
+                "map_max")
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """scipy.ndimage's 1-D Gaussian weights (radius int(truncate * sigma + 0.5)), float64."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def gaussian_smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian over the last two axes of [B, H, W] with half-sample symmetric padding.
+
+    Equals scipy.ndimage.gaussian_filter(mode='reflect') per image. The padding is built
+    from flipped slices, so it needs only Slice/Concat in ONNX.
+    """
+    r = kernel.numel() // 2
+    x = maps[:, None]
+    k = kernel.to(maps.dtype)
+    x = torch.cat([x[..., :r].flip(-1), x, x[..., -r:].flip(-1)], dim=-1)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = torch.cat([x[..., :r, :].flip(-2), x, x[..., -r:, :].flip(-2)], dim=-2)
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def cast_vision_fp16(model: IQEModel) -> IQEModel:
+    """A copy of `model` whose vision encoder computes in FP16 (LayerNorm params stay FP32)."""
+    model = copy.deepcopy(model)
+    model.visual.half()
+    for module in model.visual.modules():
+        if isinstance(module, LayerNormFp32):
+            module.float()
+    return model
+
+
+class ImageEncoderGraph(nn.Module):
+    """images [B,3,S,S] f32 -> global_feature [B,E] f32, tokens [B,K,1+G*G,W] f32."""
+
+    def __init__(self, model: IQEModel):
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, taps = self.visual(images)
+        return g.float(), torch.stack(taps, dim=1).float()
+
+
+class TextBranchGraph(nn.Module):
+    """global_feature [B,E] -> text [B,2,E]; the prefix keys/values are constants."""
+
+    def __init__(self, model: IQEModel):
+        super().__init__()
+        self.cpt = model.cpt
+        self.text = model.text
+        with torch.no_grad():
+            prefix = model.text.compute_prefix()
+        self.prefix_keys = nn.ParameterList([nn.Parameter(k.clone(), requires_grad=False) for k in prefix.keys])
+        self.prefix_values = nn.ParameterList([nn.Parameter(v.clone(), requires_grad=False) for v in prefix.values])
+
+    def forward(self, global_feature: torch.Tensor) -> torch.Tensor:
+        from iqe.model.clip import TextPrefix
+
+        prefix = TextPrefix(list(self.prefix_keys), list(self.prefix_values))
+        return self.text.forward_prefixed(self.cpt(global_feature), prefix)
+
+
+class HeadGraph(nn.Module):
+    """(global_feature, text, tokens) -> scores [B] and maps [B,S,S] (see HEAD_OUTPUTS)."""
+
+    def __init__(self, model: IQEModel):
+        super().__init__()
+        self.model = model
+        self.register_buffer("kernel", gaussian_kernel(model.cfg.sigma).float(), persistent=False)
+
+    def forward(self, global_feature: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        q0 = m.query_init(global_feature)
+        feats = torch.stack([fc(tokens[:, k, 1:]) for k, fc in enumerate(m.patch_adapter)])
+        lq, lt = m.logits(q0, text, feats)
+        score_query = lq.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
+        score_text = lt.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
+        map_query, map_text = m.maps(lq).mean(dim=0), m.maps(lt).mean(dim=0)
+        amap = (1 - m.cfg.alpha) * map_text + m.cfg.alpha * map_query
+        smooth = gaussian_smooth(amap, self.kernel)
+        score_few = map_text.flatten(1).mean(dim=1) + map_query.flatten(1).mean(dim=1)
+        return (score_query + score_text, score_query, score_text, score_few, amap, map_query, map_text, smooth,
+                smooth.flatten(1).amax(dim=1))
+
+
+class FusedGraph(nn.Module):
+    """images [B,3,S,S] -> HEAD_OUTPUTS in one graph."""
+
+    def __init__(self, model: IQEModel, vision_model: IQEModel | None = None):
+        super().__init__()
+        self.encoder = ImageEncoderGraph(vision_model or model)
+        self.text = TextBranchGraph(model)
+        self.head = HeadGraph(model)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        g, tokens = self.encoder(images)
+        return self.head(g, self.text(g), tokens)
