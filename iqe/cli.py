@@ -1,6 +1,8 @@
 """`iqe`: one command, one subcommand per stage.
 
     iqe import-reference   reference CLIP weights + IQE checkpoint -> bundle
+    iqe export             bundle -> ONNX graphs (fp32 / fp16), each verified against PyTorch
+    iqe build              ONNX -> engine (onnxruntime / tensorrt) + manifest
     iqe score              score images with a bundle -> results.jsonl (+ maps.npz)
     iqe train              train on a BMAD-layout data set -> bundle
     iqe synth              write a small synthetic BMAD-layout data set
@@ -66,18 +68,41 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a bundle to ONNX graphs (image encoder, text branch, head, fused), each verified."""
+    from iqe.export.onnx_export import export_model
+    from iqe.model.bundle import load_bundle
+
+    info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet)
+    for g in info.graphs.values():
+        _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
+    _print(f"wrote {len(info.graphs)} graphs to {args.out} in {info.export_seconds:.1f} s")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build an engine from an exported ENGINE_DIR and write its manifest."""
+    from iqe.engine.build import build
+
+    m = build(args.engine_dir, args.backend, args.precision, args.min_batch, args.opt_batch, args.max_batch)
+    _print(f"built {m.backend} {m.backend_version} {m.precision} engine on {m.device} in {m.build_seconds:.1f} s "
+           f"-> manifest.{m.backend}.{m.precision}.json")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score PNG/JPEG files and folders; write results.jsonl (+ maps.npz with --save-maps)."""
-    from iqe.model.bundle import load_bundle
+    from iqe.engine.build import make_runner
     from iqe.runtime.results import write_results
-    from iqe.runtime.scoring import expand_inputs, score_items, torch_score_fn
+    from iqe.runtime.scoring import expand_inputs, score_items
 
     if args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
-    model = load_bundle(args.model)
+    runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet)
     items = expand_inputs(args.inputs)
-    results = score_items(items, torch_score_fn(model), model.cfg.image_size, args.batch, keep_maps=args.save_maps,
-                          progress=not args.quiet)
+    with runner:
+        results = score_items(items, runner.infer, runner.image_size, args.batch, keep_maps=args.save_maps,
+                              progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
     failed = [r for r in results if r.error]
     for r in failed:
@@ -155,12 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive, default=240, help="evaluation resolution")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
 
+    p = add("export", cmd_export)
+    p.add_argument("bundle", type=_existing, help="bundle directory")
+    p.add_argument("--out", type=Path, required=True, help="engine directory to write")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--max-batch", type=_positive, default=32, help="largest batch engines are built for")
+
+    p = add("build", cmd_build)
+    p.add_argument("engine_dir", type=_existing, help="directory written by `iqe export`")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--min-batch", type=_positive, default=1)
+    p.add_argument("--opt-batch", type=_positive, default=8)
+    p.add_argument("--max-batch", type=_positive, default=None, help="default: the export's max batch")
+
     p = add("score", cmd_score)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (PNG/JPEG)")
     p.add_argument("--model", type=Path, default=os.environ.get("IQE_MODEL"), help="bundle directory (env IQE_MODEL)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
     p.add_argument("--batch", type=_positive, default=batch_default, help="images per inference call (env IQE_BATCH)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=os.environ.get("IQE_BACKEND", "torch"),
+                   help="inference backend (env IQE_BACKEND)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--engine", type=Path, default=None,
+                   help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
 
     p = add("train", cmd_train)
     p.add_argument("--data", type=_existing, required=True, help="BMAD root holding <Obj>_AD folders")

@@ -264,9 +264,9 @@ def few_shot_split(
     if seed_file.is_file():
         normal_names, abnormal_names = parse_fewshot_seed(seed_file, iteration=0)
         picked: dict[int, list[Sample]] = {}
-        for label, names in ((0, normal_names), (1, abnormal_names)):
+        for label, names, key in ((0, normal_names, "n"), (1, abnormal_names, "a")):
             if len(names) < shots:
-                raise InputError(f"{seed_file}: lists {len(names)} images for label {label}, {shots}-shot needs {shots}")
+                raise InputError(f"{seed_file}: line {key}-0 lists {len(names)} images, {shots}-shot needs {shots}")
             unknown = [n for n in names[:shots] if n not in by_class[label]]
             if unknown:
                 class_dir = NORMAL_DIR if label == 0 else ABNORMAL_DIR

@@ -16,12 +16,14 @@ training demo and to exercise every code path that reads BMAD folders.
 from __future__ import annotations
 
 import difflib
+import functools
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from iqe.errors import InputError
 from iqe.model.data import (
@@ -37,11 +39,11 @@ from iqe.model.data import (
 DEFAULT_OBJECTS = ("Brain", "Liver", "Retina_RESC", "Chest")
 DEFAULT_COUNTS = {"train": 8, "valid": 8, "test": 12}  # images per class (good / Ungood) and split
 REFERENCE_SIZE = 240  # lesion radii and noise scales are stated at this side length
-LESION_RADIUS = (8.0, 30.0)  # px at REFERENCE_SIZE
-LESION_CONTRAST = (55.0, 85.0)  # gray levels added or removed; organ texture spans about +-25
+LESION_RADIUS = (12.0, 34.0)  # px at REFERENCE_SIZE
+LESION_CONTRAST = (55.0, 85.0)  # lesion level minus the tissue mean under it; texture spans about +-25
 MIN_LESION_AREA = 40.0  # px at REFERENCE_SIZE: a lesion clipped to the organ must stay a blob
 
-_LOBE_STEPS = 1024
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 Organ = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
 
@@ -52,22 +54,21 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC))
 
 
+@functools.lru_cache(maxsize=4)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates (float32), shared between images, hence read-only."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy.flags.writeable = False
+    xx.flags.writeable = False
     return yy, xx
 
 
-def _lobe_curve(rng: np.random.Generator, orders: Sequence[int], amp: tuple[float, float]) -> np.ndarray:
-    """Radial scale 1 + sum_k a_k cos(k phi + p_k), tabulated over phi in [-pi, pi).
+Lobes = tuple[tuple[int, float, float], ...]  # (order k, amplitude a_k, phase p_k) terms
 
-    A table lookup per pixel is several times cheaper than cosines per pixel, and
-    `_LOBE_STEPS` steps are far finer than a pixel on any outline drawn here.
-    """
-    phi = np.linspace(-np.pi, np.pi, _LOBE_STEPS, endpoint=False)
-    curve = np.ones(_LOBE_STEPS)
-    for k in orders:
-        curve += rng.uniform(*amp) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
-    return curve.astype(np.float32)
+
+def _draw_lobes(rng: np.random.Generator, orders: Sequence[int], amp: tuple[float, float]) -> Lobes:
+    """Random terms of the outline scale 1 + sum_k a_k cos(k phi + p_k) (see `_ellipse_radius`)."""
+    return tuple((k, rng.uniform(*amp), rng.uniform(0, 2 * np.pi)) for k in orders)
 
 
 def _ellipse_radius(
@@ -76,7 +77,7 @@ def _ellipse_radius(
     centre: tuple[float, float],
     radii: tuple[float, float],
     angle: float,
-    lobes: np.ndarray | None = None,
+    lobes: Lobes = (),
 ) -> np.ndarray:
     """Normalised radius of every pixel: < 1 inside the (optionally lobed) rotated ellipse.
 
@@ -85,29 +86,74 @@ def _ellipse_radius(
         centre: (y, x) of the centre.
         radii: (y, x) semi-axes before rotation.
         angle: rotation in radians.
-        lobes: a `_lobe_curve` table that scales the outline with the polar angle.
+        lobes: `_draw_lobes` terms that scale the outline with the polar angle phi.
     """
-    c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    # Few, reused temporaries: fresh full-frame arrays cost page faults that outweigh
+    # the arithmetic at this image size.
+    c, s = np.cos(angle), np.sin(angle)
     dx, dy = xx - np.float32(centre[1]), yy - np.float32(centre[0])
-    u = (dx * c + dy * s) / np.float32(radii[1])
-    v = (dy * c - dx * s) / np.float32(radii[0])
-    r = np.sqrt(u * u + v * v)
-    if lobes is None:
+    u = dx * np.float32(c / radii[1])
+    u += dy * np.float32(s / radii[1])
+    v = dy * np.float32(c / radii[0])
+    v -= dx * np.float32(s / radii[0])
+    r = np.hypot(u, v)
+    if not lobes:
         return r
-    # arctan2 is the costly step, so only lobed outlines pay for it.
-    index = ((np.arctan2(v, u) + np.float32(np.pi)) * np.float32(_LOBE_STEPS / (2 * np.pi))).astype(np.intp)
-    return r / lobes[index % _LOBE_STEPS]
+    # cos(k phi), sin(k phi) by complex powers of (u + iv) / r: a few multiplies per
+    # pixel instead of arctan2 and cosines, the slowest steps of drawing an image.
+    norm = np.maximum(r, np.float32(1e-6))
+    cos1, sin1 = np.divide(u, norm, out=u), np.divide(v, norm, out=v)
+    terms = {k: (a, p) for k, a, p in lobes}
+    scale = np.ones_like(r)
+    cos_k, sin_k = cos1, sin1
+    for k in range(1, max(terms) + 1):
+        if k > 1:
+            cos_k, sin_k = cos_k * cos1 - sin_k * sin1, cos_k * sin1 + sin_k * cos1
+        if k in terms:
+            a, p = terms[k]
+            scale += np.float32(a * np.cos(p)) * cos_k
+            scale -= np.float32(a * np.sin(p)) * sin_k
+    return np.divide(r, scale, out=r)
+
+
+def _ellipse_map(
+    size: int,
+    centre: tuple[float, float],
+    radii: tuple[float, float],
+    angle: float,
+    lobes: Lobes = (),
+    extent: float = 1.1,
+) -> np.ndarray:
+    """`_ellipse_radius` over the whole image, computed only in the shape's bounding box.
+
+    Pixels whose normalised radius exceeds `extent` may read +inf: callers only compare
+    radii below it, and skipping the rest of the frame halves the drawing time.
+    """
+    # r_lobed < extent needs r < extent * max scale, i.e. distance < max radius times that.
+    reach = max(radii) * extent * (1 + sum(abs(a) for _, a, _ in lobes)) + 1
+    y0, y1 = max(int(centre[0] - reach), 0), min(int(np.ceil(centre[0] + reach)) + 1, size)
+    x0, x1 = max(int(centre[1] - reach), 0), min(int(np.ceil(centre[1] + reach)) + 1, size)
+    yy, xx = _grid(size)
+    out = np.full((size, size), np.inf, dtype=np.float32)
+    out[y0:y1, x0:x1] = _ellipse_radius(yy[y0:y1, x0:x1], xx[y0:y1, x0:x1], centre, radii, angle, lobes)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_ellipse(size: int, centre: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
+    """Inside mask of an ellipse that does not vary between images (given as fractions of
+    `size`); cached, hence read-only."""
+    inside = _ellipse_map(size, (centre[0] * size, centre[1] * size), (radii[0] * size, radii[1] * size), 0.0) < 1
+    inside.flags.writeable = False
+    return inside
 
 
 def _brain(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = _grid(size)
-    r, _ = _ellipse_radius(
-        yy,
-        xx,
-        size * (0.5 + rng.uniform(-0.03, 0.03)),
-        size * (0.5 + rng.uniform(-0.03, 0.03)),
-        size * rng.uniform(0.39, 0.44),
-        size * rng.uniform(0.31, 0.36),
+    """Axial MRI look: bright skull ring, thin dark CSF gap, textured parenchyma."""
+    r = _ellipse_map(
+        size,
+        (size * (0.5 + rng.uniform(-0.03, 0.03)), size * (0.5 + rng.uniform(-0.03, 0.03))),
+        (size * rng.uniform(0.39, 0.44), size * rng.uniform(0.31, 0.36)),
         rng.uniform(-0.15, 0.15),
     )
     texture = _smooth_noise(rng, size, max(4, size // 12))
@@ -121,35 +167,33 @@ def _brain(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _liver(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = _grid(size)
-    body, _ = _ellipse_radius(yy, xx, size * 0.5, size * 0.5, size * 0.4, size * 0.47, 0.0)
-    r, phi = _ellipse_radius(
-        yy,
-        xx,
-        size * (0.45 + rng.uniform(-0.04, 0.04)),
-        size * (0.45 + rng.uniform(-0.04, 0.04)),
-        size * rng.uniform(0.26, 0.31),
-        size * rng.uniform(0.3, 0.36),
+    """Abdominal CT look: a bright lobed liver inside a darker soft-tissue body."""
+    body = _fixed_ellipse(size, (0.5, 0.5), (0.4, 0.47))
+    r = _ellipse_map(
+        size,
+        (size * (0.45 + rng.uniform(-0.04, 0.04)), size * (0.45 + rng.uniform(-0.04, 0.04))),
+        (size * rng.uniform(0.26, 0.31), size * rng.uniform(0.3, 0.36)),
         rng.uniform(-0.3, 0.3),
+        _draw_lobes(rng, (2, 3, 4), (0.03, 0.09)),
     )
-    r = r / _lobes(rng, phi, (2, 3, 4), (0.03, 0.09))
     texture = _smooth_noise(rng, size, max(4, size // 10))
     field = _smooth_noise(rng, size, 4)
     img = np.zeros((size, size), dtype=np.float32)
-    img[body < 1] = (rng.uniform(55, 70) + 8 * texture)[body < 1]
+    img[body] = (rng.uniform(55, 70) + 8 * texture)[body]
     liver = r < 1
     img[liver] = (rng.uniform(125, 150) + 12 * field + 10 * texture)[liver]
     return img, r < 0.8
 
 
 def _retina(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """OCT B-scan look: curved, gently waving layers between dark vitreous and choroid."""
     yy, xx = _grid(size)
     x = xx[0] / size - 0.5
-    # Curved, gently waving layer boundaries, top to bottom (OCT B-scan look).
-    top = size * (rng.uniform(0.27, 0.34) + rng.uniform(0.1, 0.25) * x**2) + size * 0.02 * np.sin(
+    top = size * (rng.uniform(0.2, 0.27) + rng.uniform(0.1, 0.25) * x**2) + size * 0.02 * np.sin(
         2 * np.pi * x * rng.uniform(0.5, 1.5) + rng.uniform(0, 2 * np.pi)
     )
-    thickness = size * rng.uniform(0.05, 0.09, size=5)
+    # Five layers of 8-11 % of the side each: thick enough for a 30 px lesion at 240 px.
+    thickness = size * rng.uniform(0.08, 0.11, size=5)
     levels = rng.uniform(-12, 12, size=5) + np.array([175.0, 95.0, 135.0, 80.0, 205.0])
     texture = _smooth_noise(rng, size, max(4, size // 8))
     img = (18 + 6 * texture).astype(np.float32)  # vitreous
@@ -160,32 +204,29 @@ def _retina(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
         img[band] = (level + 12 * texture)[band]
         upper = lower
     img[yy >= upper] = (55 + 15 * texture)[yy >= upper]  # choroid
-    margin = 0.015 * size
+    margin = 0.02 * size
     return img, (yy >= top + margin) & (yy < upper - margin)
 
 
 def _chest(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chest X-ray look: two dark lobed lungs beside a bright mediastinum."""
     yy, xx = _grid(size)
     field = _smooth_noise(rng, size, 4)
     texture = _smooth_noise(rng, size, max(4, size // 10))
-    body, _ = _ellipse_radius(yy, xx, size * 0.55, size * 0.5, size * 0.55, size * 0.46, 0.0)
+    body = _fixed_ellipse(size, (0.55, 0.5), (0.55, 0.46))
     img = np.full((size, size), 10.0, dtype=np.float32)
-    img[body < 1] = (rng.uniform(140, 165) + 10 * field)[body < 1]
-    mediastinum = np.abs(xx - size * 0.5) < size * 0.06
-    img[mediastinum & (body < 1)] += 35
+    img[body] = (rng.uniform(140, 165) + 10 * field)[body]
+    img[body & (np.abs(xx - size * 0.5) < size * 0.06)] += 35  # mediastinum / spine
     lungs = np.zeros((size, size), dtype=bool)
     region = np.zeros((size, size), dtype=bool)
     for side in (-1, 1):
-        r, phi = _ellipse_radius(
-            yy,
-            xx,
-            size * (0.5 + rng.uniform(-0.02, 0.02)),
-            size * (0.5 + side * rng.uniform(0.19, 0.23)),
-            size * rng.uniform(0.28, 0.33),
-            size * rng.uniform(0.12, 0.15),
+        r = _ellipse_map(
+            size,
+            (size * (0.5 + rng.uniform(-0.02, 0.02)), size * (0.5 + side * rng.uniform(0.19, 0.23))),
+            (size * rng.uniform(0.28, 0.33), size * rng.uniform(0.12, 0.15)),
             side * rng.uniform(0.0, 0.15),
+            _draw_lobes(rng, (2, 3), (0.02, 0.06)),
         )
-        r = r / _lobes(rng, phi, (2, 3), (0.02, 0.06))
         lungs |= r < 1
         region |= r < 0.78
     img[lungs] = (rng.uniform(45, 65) + 10 * field + 8 * texture)[lungs]
@@ -193,6 +234,7 @@ def _chest(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _histopathology(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stained-slide look: dark nuclei scattered over a bright, uneven background."""
     field = _smooth_noise(rng, size, 4)
     nuclei = _smooth_noise(rng, size, max(4, size // 6)) > rng.uniform(1.0, 1.3)
     img = (rng.uniform(185, 205) + 10 * field).astype(np.float32)
@@ -218,6 +260,7 @@ def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) 
     size = img.shape[0]
     scale = size / REFERENCE_SIZE
     centres = np.flatnonzero(region)
+    yy, xx = _grid(size)
     mask = np.zeros(img.shape, dtype=bool)
     wanted = int(rng.integers(1, 4))
     placed = 0
@@ -229,19 +272,29 @@ def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) 
         radius = rng.uniform(*LESION_RADIUS) * scale
         reach = int(np.ceil(radius * 1.5)) + 2
         y0, y1, x0, x1 = max(cy - reach, 0), min(cy + reach, size), max(cx - reach, 0), min(cx + reach, size)
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        r, phi = _ellipse_radius(yy, xx, cy, cx, radius * rng.uniform(0.6, 1.0), radius, rng.uniform(0, np.pi))
-        r = r / _lobes(rng, phi, (3, 5), (0.04, 0.12))
-        blob = (r < 1) & region[y0:y1, x0:x1]
+        r = _ellipse_radius(
+            yy[y0:y1, x0:x1],
+            xx[y0:y1, x0:x1],
+            (cy, cx),
+            (radius * rng.uniform(0.6, 1.0), radius),
+            rng.uniform(0, np.pi),
+            _draw_lobes(rng, (3, 5), (0.04, 0.12)),
+        )
+        # Clipping to a non-convex organ (lungs) can split a lesion: keep the part at its centre.
+        pieces, _ = ndimage.label((r < 1) & region[y0:y1, x0:x1], structure=_EIGHT_NEIGHBOURS)
+        blob = pieces == pieces[cy - y0, cx - x0]
         # Keep a gap to earlier lesions so each connected component is one lesion.
         if blob.sum() < MIN_LESION_AREA * scale**2 or (mask[y0:y1, x0:x1] & (r < 1.4)).any():
             continue
         patch = img[y0:y1, x0:x1]
         base = float(patch[blob].mean())
-        delta = rng.choice((-1.0, 1.0)) * rng.uniform(*LESION_CONTRAST)
+        # Hyperintense, like most lesions on the MRI/CT windows the demo mimics; dark only without headroom.
+        delta = rng.uniform(*LESION_CONTRAST)
         if not 20 <= base + delta <= 235:  # no headroom on this side: flip instead of clipping
             delta = -delta
-        patch[blob] += delta * (1 + 0.08 * rng.standard_normal(int(blob.sum())).astype(np.float32))
+        # A lesion replaces tissue: a level of its own, keeping a trace of the texture under it
+        # (adding to it instead lets a lesion across bright and dark layers clip and fade).
+        patch[blob] = np.float32(base + delta) + np.float32(0.3) * (patch[blob] - np.float32(base))
         mask[y0:y1, x0:x1] |= blob
         placed += 1
     if placed == 0:
@@ -262,11 +315,16 @@ def synth_image(
 
     Returns:
         ``(image, mask)``: uint8 [size, size]; mask uint8 0/255 for abnormal images, else None.
+
+    Raises:
+        InputError: `obj` is not a BMAD object name.
     """
+    _check_objects([obj])
     img, region = ORGANS[obj](rng, size)
-    img = img * np.float32(rng.uniform(0.92, 1.08)) + np.float32(rng.uniform(-6, 6))
+    img *= np.float32(rng.uniform(0.92, 1.08))
+    img += np.float32(rng.uniform(-6, 6))
     mask = _add_lesions(rng, img, region) if abnormal else None
-    img += rng.normal(0.0, rng.uniform(2.5, 5.0), size=img.shape).astype(np.float32)
+    img += np.float32(rng.uniform(2.5, 5.0)) * rng.standard_normal(img.shape, dtype=np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return image, None if mask is None else mask.astype(np.uint8) * 255
 

@@ -12,32 +12,38 @@ from pathlib import Path
 
 import numpy as np
 
-from iqe.model.bundle import load_bundle
+from iqe.engine.build import best_backend, make_runner
 from iqe.model.data import list_split
 from iqe.model.preprocess import load_mask
 from iqe.model.synth import write_synthetic_bmad
 from iqe.model.train import roc_auc
 from iqe.runtime.overlay import save_overlay
 from iqe.runtime.results import write_results
-from iqe.runtime.scoring import InputItem, score_items, torch_score_fn
+from iqe.runtime.scoring import InputItem, score_items
 
 
 def run_demo(out: Path, bundle: Path, target: str = "Brain", batch_size: int = 8, n_overlays: int = 6,
-             progress: bool = True) -> dict:
-    """Run the demo end to end and return its summary (also written to `out/summary.json`)."""
+             progress: bool = True, backend: str | None = None) -> dict:
+    """Run the demo end to end and return its summary (also written to `out/summary.json`).
+
+    bundle -> export -> engine on the best backend available here (or `backend`) -> score.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    data = write_synthetic_bmad(out / "data", seed=0)
+    data = write_synthetic_bmad(out / "data", seed=0, overwrite=True)
     samples = list_split(data, target, "test")
-    model = load_bundle(bundle)
-    t0 = time.perf_counter()
-    results = score_items([InputItem(str(s.image)) for s in samples], torch_score_fn(model), model.cfg.image_size,
-                          batch_size, keep_maps=True, progress=progress, keep_images=True)
-    seconds = time.perf_counter() - t0
+    backend = backend or best_backend()
+    print(f"iqe demo: backend {backend}", flush=True)
+    runner = make_runner(bundle, backend, "fp32", progress=progress)
+    with runner:
+        t0 = time.perf_counter()
+        results = score_items([InputItem(str(s.image)) for s in samples], runner.infer, runner.image_size,
+                              batch_size, keep_maps=True, progress=progress, keep_images=True)
+        seconds = time.perf_counter() - t0
     write_results(out, results, save_maps=True)
     labels = np.array([s.label for s in samples])
     scores = np.array([r.scores["score"] for r in results])
     summary = {
-        "backend": "torch (cpu)",
+        "backend": f"{backend} ({runner.device})",
         "bundle": str(bundle),
         "target": target,
         "images": len(samples),
