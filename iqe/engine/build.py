@@ -159,10 +159,11 @@ def best_backend() -> str:
     """tensorrt with a GPU, else onnxruntime, else torch."""
     import torch
 
-    from iqe.engine.tensorrt_backend import tensorrt_available
+    if torch.cuda.is_available():
+        from iqe.engine.tensorrt_backend import tensorrt_available
 
-    if torch.cuda.is_available() and tensorrt_available():
-        return "tensorrt"
+        if tensorrt_available():
+            return "tensorrt"
     try:
         import onnxruntime  # noqa: F401
 

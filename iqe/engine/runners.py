@@ -138,6 +138,7 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = self.threads or len(os.sched_getaffinity(0))
+        opts.log_severity_level = 3  # errors only: the optimised-graph note is expected (engines are per machine)
         if self.optimized_path:
             opts.optimized_model_filepath = str(self.optimized_path)
         providers = self.providers or ort_providers()

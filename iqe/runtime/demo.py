@@ -50,10 +50,11 @@ def run_demo(out: Path, bundle: Path, target: str = "Brain", batch_size: int = 8
         "seconds": round(seconds, 3),
         "images_per_second": round(len(samples) / seconds, 2),
         "image_auc": round(roc_auc(scores, labels), 4),
+        "image_auc_map_max": round(roc_auc(np.array([r.scores["map_max"] for r in results]), labels), 4),
     }
     masked = [(r, s) for r, s in zip(results, samples) if s.mask is not None or s.label == 0]
     if any(s.mask is not None for _, s in masked):
-        size = model.cfg.image_size
+        size = runner.image_size
         pix = np.concatenate([r.map_smooth.ravel() for r, _ in masked])
         gt = np.concatenate([(load_mask(s.mask, size) if s.mask else np.zeros((size, size), np.float32)).ravel()
                              for _, s in masked])
