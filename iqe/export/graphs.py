@@ -108,15 +108,9 @@ class HeadGraph(nn.Module):
         m = self.model
         q0 = m.query_init(global_feature)
         feats = torch.stack([fc(tokens[:, k, 1:]) for k, fc in enumerate(m.patch_adapter)])
-        lq, lt = m.logits(q0, text, feats)
-        score_query = lq.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
-        score_text = lt.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
-        map_query, map_text = m.maps(lq).mean(dim=0), m.maps(lt).mean(dim=0)
-        amap = (1 - m.cfg.alpha) * map_text + m.cfg.alpha * map_query
-        smooth = gaussian_smooth(amap, self.kernel)
-        score_few = map_text.flatten(1).mean(dim=1) + map_query.flatten(1).mean(dim=1)
-        return (score_query + score_text, score_query, score_text, score_few, amap, map_query, map_text, smooth,
-                smooth.flatten(1).amax(dim=1))
+        out = m.outputs(*m.logits(q0, text, feats))
+        smooth = gaussian_smooth(out["map"], self.kernel)
+        return (*(out[k] for k in HEAD_OUTPUTS[:7]), smooth, smooth.flatten(1).amax(dim=1))
 
 
 class FusedGraph(nn.Module):

@@ -106,14 +106,8 @@ class IQEModel(nn.Module):
         x = F.interpolate(x, size=self.cfg.image_size, mode="bilinear", align_corners=True)
         return x.softmax(dim=1)[:, 1].view(k, b, self.cfg.image_size, self.cfg.image_size)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw IQE-CLIP outputs for a batch (no smoothing, no normalisation).
-
-        Returns:
-            dict with `score`, `score_query`, `score_text`, `score_few` [B] and `map`,
-            `map_query`, `map_text` [B, S, S].
-        """
-        logits_query, logits_text = self.logits(*self.encode(images))
+    def outputs(self, logits_query: torch.Tensor, logits_text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scores [B] and maps [B, S, S] from the per-layer logits (REFERENCE §6)."""
         score_query = logits_query.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
         score_text = logits_text.softmax(dim=-1)[..., 1].mean(dim=-1).sum(dim=0)
         map_query = self.maps(logits_query).mean(dim=0)
@@ -129,6 +123,15 @@ class IQEModel(nn.Module):
             "map_query": map_query,
             "map_text": map_text,
         }
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw IQE-CLIP outputs for a batch (no smoothing, no normalisation).
+
+        Returns:
+            dict with `score`, `score_query`, `score_text`, `score_few` [B] and `map`,
+            `map_query`, `map_text` [B, S, S].
+        """
+        return self.outputs(*self.logits(*self.encode(images)))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor) -> dict[str, np.ndarray]:
