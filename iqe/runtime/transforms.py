@@ -1,0 +1,231 @@
+"""Array transforms from decoded pixels to the model input, MONAI style.
+
+Every step is an array transform doing the math plus a ``…d`` dictionary twin that holds
+one instance and applies it to each of its keys. The readers in `iqe.runtime.sources`
+compose them with `monai.transforms.Compose`, top to bottom:
+
+    values (HU, MR signal, 16-bit PNG) -> ScaleToUint8 -> InvertMonochrome1 -> ToModelInput
+
+The model was trained on 8-bit images (PNG) read through PIL, so every source ends the
+same way: an 8-bit display image, then the exact PIL path of `iqe.model.preprocess`
+(RGB, bicubic resize, /255). All transforms here take NumPy arrays (backend NUMPY).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, ScaleIntensityRange, Transform
+from monai.utils import TransformBackends, convert_to_numpy
+from PIL import Image
+
+from iqe.model.preprocess import pil_to_tensor_array
+
+Window = tuple[float, float]  # (center, width), in the units of the array it is applied to
+
+DEFAULT_PERCENTILES = (0.5, 99.5)  # robust min-max: ignores the brightest/darkest 0.5 % of pixels
+
+
+class ScaleToUint8(Transform):
+    """Map intensities to 8-bit display values through a window, rounding to nearest.
+
+    With a window ``(center, width)`` the range ``[center - width/2, center + width/2]``
+    maps linearly onto ``0..255`` and values outside it are clipped. Without one, the
+    window is the ``percentiles`` range of the image itself (``(0, 100)`` is plain
+    min-max). A degenerate window (width <= 0, e.g. a constant image) gives black, and NaN
+    pixels are black: neither carries contrast the model could use.
+
+    Layout: any shape (HxW, HxWxC, a volume); the window is one for the whole array.
+    Backends: NumPy in, NumPy out; the math runs in float64 through MONAI's
+    `ScaleIntensityRange`.
+
+    Args:
+        window: fixed ``(center, width)``; None derives it from the percentiles.
+        percentiles: ``(lower, upper)`` in percent, used when no window is given.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, window: Window | None = None, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> None:
+        self.window = window
+        self.percentiles = percentiles
+
+    def window_for(self, img: np.ndarray, window: Window | None = None) -> Window:
+        """The ``(center, width)`` that `__call__` applies to `img`.
+
+        Args:
+            img: the intensities.
+            window: per-call window; None falls back to the instance's, then percentiles.
+
+        Returns:
+            ``(center, width)`` as floats.
+        """
+        window = window if window is not None else self.window
+        if window is not None:
+            return float(window[0]), float(window[1])
+        finite = np.asarray(img, dtype=np.float64)
+        finite = finite[np.isfinite(finite)]
+        if finite.size == 0:
+            return 0.0, 0.0
+        lo, hi = np.percentile(finite, self.percentiles)
+        return float(lo + hi) / 2, float(hi - lo)
+
+    def __call__(self, img: np.ndarray, window: Window | None = None) -> np.ndarray:
+        """Scale `img` to uint8.
+
+        Args:
+            img: intensities, any real dtype.
+            window: per-call ``(center, width)``, overriding the instance's.
+
+        Returns:
+            uint8 array of the same shape.
+        """
+        center, width = self.window_for(img, window)
+        values = np.asarray(img, dtype=np.float64)
+        if width <= 0:
+            return np.zeros(values.shape, dtype=np.uint8)
+        lo = center - width / 2
+        scaled = ScaleIntensityRange(a_min=lo, a_max=lo + width, b_min=0.0, b_max=255.0, clip=True,
+                                     dtype=np.float64)(np.nan_to_num(values, nan=lo))
+        return np.rint(convert_to_numpy(scaled)).astype(np.uint8)
+
+
+class ScaleToUint8d(MapTransform):
+    """Dictionary twin of `ScaleToUint8`.
+
+    For each key, ``data[f"{key}_{window_postfix}"]`` (when present and not None) is that
+    item's window, taking precedence over the instance's; after the call it holds the
+    ``(center, width)`` actually applied, so readers can report it.
+
+    Args:
+        keys: keys of the arrays to scale.
+        window: default ``(center, width)``; None uses percentiles.
+        percentiles: ``(lower, upper)`` in percent when no window applies.
+        window_postfix: suffix of the per-key window entry.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    backend = ScaleToUint8.backend
+
+    def __init__(self, keys: KeysCollection, window: Window | None = None,
+                 percentiles: tuple[float, float] = DEFAULT_PERCENTILES, window_postfix: str = "window",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.scaler = ScaleToUint8(window, percentiles)
+        self.window_postfix = window_postfix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            window_key = f"{key}_{self.window_postfix}"
+            applied = self.scaler.window_for(d[key], d.get(window_key))
+            d[key] = self.scaler(d[key], applied)
+            d[window_key] = applied
+        return d
+
+
+class InvertMonochrome1(Transform):
+    """Invert 8-bit display values of a MONOCHROME1 image (0 = white) to MONOCHROME2.
+
+    DICOM applies the MONOCHROME1 inversion after the VOI window (PS3.3 C.7.6.3.1.2), so
+    this runs on the output of `ScaleToUint8`. Any other photometric interpretation passes
+    through unchanged.
+
+    Layout: uint8, any shape. Backends: NumPy.
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __call__(self, img: np.ndarray, photometric: str = "MONOCHROME1") -> np.ndarray:
+        """Return ``255 - img`` for MONOCHROME1, else `img`.
+
+        Args:
+            img: uint8 display values.
+            photometric: the image's (0028,0004) Photometric Interpretation.
+
+        Raises:
+            TypeError: `img` is not uint8 (a caller bug: scale first).
+        """
+        if img.dtype != np.uint8:
+            raise TypeError(f"InvertMonochrome1 expects uint8 display values, got {img.dtype}")
+        return 255 - img if photometric == "MONOCHROME1" else img
+
+
+class InvertMonochrome1d(MapTransform):
+    """Dictionary twin of `InvertMonochrome1`; the interpretation is read from `photometric_key`.
+
+    Args:
+        keys: keys of the uint8 arrays.
+        photometric_key: entry holding the Photometric Interpretation (absent: no inversion).
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    backend = InvertMonochrome1.backend
+
+    def __init__(self, keys: KeysCollection, photometric_key: str = "photometric",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.inverter = InvertMonochrome1()
+        self.photometric_key = photometric_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        photometric = d.get(self.photometric_key, "MONOCHROME2")
+        for key in self.key_iterator(d):
+            d[key] = self.inverter(d[key], photometric)
+        return d
+
+
+class ToModelInput(Transform):
+    """8-bit image -> model input through the exact PIL path of the reference.
+
+    ``Image.fromarray`` (HxW -> mode L, HxWx3 -> RGB) then
+    `iqe.model.preprocess.pil_to_tensor_array`: ``convert('RGB')``, bicubic resize to
+    size x size, /255. An 8-bit PNG decoded to an array and passed here gives the same
+    bytes as reading the PNG with `iqe.model.preprocess.load_image`.
+
+    Layout: uint8 HxW or HxWx3 in, float32 [3, size, size] in [0, 1] out. Backends: NumPy.
+
+    Args:
+        size: output side length (240 for IQE-CLIP).
+    """
+
+    backend = [TransformBackends.NUMPY]
+
+    def __init__(self, size: int = 240) -> None:
+        self.size = size
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        """Convert one image.
+
+        Raises:
+            TypeError: `img` is not uint8 HxW / HxWx3 (a caller bug: scale first).
+        """
+        if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+            raise TypeError(f"ToModelInput expects uint8 HxW or HxWx3, got {img.dtype} {img.shape}")
+        return pil_to_tensor_array(Image.fromarray(np.ascontiguousarray(img)), self.size)
+
+
+class ToModelInputd(MapTransform):
+    """Dictionary twin of `ToModelInput`.
+
+    Args:
+        keys: keys of the uint8 images.
+        size: output side length.
+        allow_missing_keys: do not fail on absent keys.
+    """
+
+    backend = ToModelInput.backend
+
+    def __init__(self, keys: KeysCollection, size: int = 240, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ToModelInput(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d

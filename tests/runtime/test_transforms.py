@@ -1,0 +1,72 @@
+"""Array transforms and their dictionary twins against analytic cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from monai.transforms import Compose
+from PIL import Image
+
+from iqe.model.preprocess import pil_to_tensor_array
+from iqe.runtime.transforms import (
+    InvertMonochrome1,
+    InvertMonochrome1d,
+    ScaleToUint8,
+    ScaleToUint8d,
+    ToModelInput,
+    ToModelInputd,
+)
+
+
+def test_scale_window_is_linear_and_clipped():
+    # Window 50/100 spans 0..100: value v -> 2.55 v, clipped, rounded to nearest (half to even).
+    values = np.array([-10.0, 0.0, 25.0, 50.0, 100.0, 150.0])
+    out = ScaleToUint8(window=(50.0, 100.0))(values)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [0, 0, 64, 128, 255, 255])
+
+
+def test_scale_percentiles_default_to_robust_min_max():
+    values = np.arange(1001, dtype=np.float64)  # percentile p of 0..1000 is 10 p
+    scaler = ScaleToUint8()
+    assert scaler.window_for(values) == pytest.approx((500.0, 990.0))
+    out = scaler(values)
+    assert out[0] == 0 and out[5] == 0 and out[-1] == 255 and out[500] == 128
+
+
+def test_scale_degenerate_and_nan_give_black():
+    assert not ScaleToUint8()(np.full((4, 4), 7.0)).any()
+    out = ScaleToUint8(window=(0.5, 1.0))(np.array([np.nan, 0.0, 1.0]))
+    np.testing.assert_array_equal(out, [0, 0, 255])
+
+
+def test_scale_dict_uses_item_window_and_records_it():
+    t = ScaleToUint8d("image", window=(0.0, 2.0))
+    out = t({"image": np.array([0.0, 50.0, 100.0]), "image_window": (50.0, 100.0)})
+    np.testing.assert_array_equal(out["image"], [0, 128, 255])
+    assert out["image_window"] == (50.0, 100.0)
+    out = t({"image": np.array([-1.0, 0.0, 1.0])})  # no item window: the instance's
+    np.testing.assert_array_equal(out["image"], [0, 128, 255])
+    assert out["image_window"] == (0.0, 2.0)
+
+
+def test_invert_monochrome1_only():
+    img = np.array([[0, 10], [200, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(InvertMonochrome1()(img, "MONOCHROME1"), 255 - img)
+    np.testing.assert_array_equal(InvertMonochrome1()(img, "MONOCHROME2"), img)
+    out = InvertMonochrome1d("image")({"image": img, "photometric": "MONOCHROME1"})
+    np.testing.assert_array_equal(out["image"], 255 - img)
+    with pytest.raises(TypeError, match="uint8"):
+        InvertMonochrome1()(img.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (37, 53, 3)])
+def test_to_model_input_is_the_pil_path(shape):
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    expected = pil_to_tensor_array(Image.fromarray(img), 24)
+    out = Compose([ToModelInput(24)])(img)
+    assert out.dtype == np.float32 and out.shape == (3, 24, 24)
+    assert out.tobytes() == expected.tobytes()
+    assert ToModelInputd("image", 24)({"image": img})["image"].tobytes() == expected.tobytes()
+    with pytest.raises(TypeError, match="uint8 HxW or HxWx3"):
+        ToModelInput(24)(img.astype(np.uint16))
