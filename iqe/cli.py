@@ -41,6 +41,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _window(text: str) -> tuple[str, tuple[float, float]]:
+    """MODALITY=CENTER,WIDTH (or CENTER,WIDTH for every modality)."""
+    key, _, value = text.rpartition("=")
+    try:
+        center, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=CENTER,WIDTH like CT=40,400, got '{text}'") from None
+    if width <= 0:
+        raise argparse.ArgumentTypeError(f"window width must be > 0, got {width}")
+    return (key.upper() or "*"), (center, width)
+
+
 def _existing(text: str) -> Path:
     path = Path(text)
     if not path.exists():
@@ -91,18 +103,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score PNG/JPEG files and folders; write results.jsonl (+ maps.npz with --save-maps)."""
+    """Score images, DICOM files/series and NIfTI volumes; write results.jsonl (+ maps.npz with --save-maps)."""
     from iqe.engine.build import make_runner
     from iqe.runtime.results import write_results
-    from iqe.runtime.scoring import expand_inputs, score_items
+    from iqe.runtime.scoring import score_inputs
 
     if args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet)
-    items = expand_inputs(args.inputs)
     with runner:
-        results = score_items(items, runner.infer, runner.image_size, args.batch, keep_maps=args.save_maps,
-                              progress=not args.quiet)
+        results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch, keep_maps=args.save_maps,
+                               windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
     failed = [r for r in results if r.error]
     for r in failed:
@@ -195,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive, default=None, help="default: the export's max batch")
 
     p = add("score", cmd_score)
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (PNG/JPEG)")
+    p.add_argument("inputs", nargs="+",
+                   help="PNG/JPEG/TIFF files, DICOM files, folders (DICOM series are grouped by SeriesInstanceUID), NIfTI")
     p.add_argument("--model", type=Path, default=os.environ.get("IQE_MODEL"), help="bundle directory (env IQE_MODEL)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
     p.add_argument("--batch", type=_positive, default=batch_default, help="images per inference call (env IQE_BATCH)")
+    p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
+                   help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
+                        "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=os.environ.get("IQE_BACKEND", "torch"),
                    help="inference backend (env IQE_BACKEND)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")

@@ -27,12 +27,13 @@ def test_score_contract_and_bad_inputs(tiny_model, bundle, tmp_path):
                str(missing), "--out", str(out), "--save-maps", "--batch", "3", "--quiet"])
     assert rc == 0
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    # arguments keep their order; a folder expands sorted
     expected_order = [str(images[2])] + [str(p) for p in images] + [str(corrupt), str(tmp_path / "empty"), str(missing)]
     assert [r["path"] for r in rows] == expected_order
     errors = {r["path"]: r["error"] for r in rows if "error" in r}
     assert set(errors) == {str(corrupt), str(tmp_path / "empty"), str(missing)}
     assert "zz_corrupt.png: cannot decode image" in errors[str(corrupt)]
-    assert "folder holds no images" in errors[str(tmp_path / "empty")]
+    assert "empty folder" in errors[str(tmp_path / "empty")]
     assert "no such file" in errors[str(missing)]
     ok = [r for r in rows if "error" not in r]
     assert all({"score", "score_query", "score_text", "map_max"} <= set(r) for r in ok)

@@ -19,7 +19,7 @@ from iqe.model.synth import write_synthetic_bmad
 from iqe.model.train import roc_auc
 from iqe.runtime.overlay import save_overlay
 from iqe.runtime.results import write_results
-from iqe.runtime.scoring import InputItem, score_items
+from iqe.runtime.scoring import score_inputs
 
 
 def run_demo(out: Path, bundle: Path, target: str = "Brain", batch_size: int = 8, n_overlays: int = 6,
@@ -36,8 +36,8 @@ def run_demo(out: Path, bundle: Path, target: str = "Brain", batch_size: int = 8
     runner = make_runner(bundle, backend, "fp32", progress=progress)
     with runner:
         t0 = time.perf_counter()
-        results = score_items([InputItem(str(s.image)) for s in samples], runner.infer, runner.image_size,
-                              batch_size, keep_maps=True, progress=progress, keep_images=True)
+        results = score_inputs([s.image for s in samples], runner.infer, runner.image_size, batch_size,
+                               keep_maps=True, keep_images=True, progress=progress)
         seconds = time.perf_counter() - t0
     write_results(out, results, save_maps=True)
     labels = np.array([s.label for s in samples])

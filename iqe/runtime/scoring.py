@@ -1,127 +1,139 @@
-"""Batch scoring of image files with a torch model: read -> preprocess -> batch -> score.
+"""Batch scoring: sources -> slices -> batches -> runner -> per-item results.
 
-Decoding runs in a thread pool ahead of inference, so reading the next batch overlaps
-with scoring the current one. Every input gets a result or an error; one unreadable
-file never costs the others their scores.
+Reading and preprocessing (`iqe.runtime.sources`) run in a producer thread that feeds a
+bounded queue, so decoding the next slices overlaps with inference on the current batch
+while memory stays bounded. Every item gets a result or an error; one unreadable file
+never costs the others their scores. Results come back in input order: arguments in the
+order given, folders expanded in sorted order, series in volume order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from iqe.errors import InputError
-from iqe.model.preprocess import IMAGE_SUFFIXES, load_image
-from iqe.runtime.results import ItemResult
+from iqe.runtime.results import SCORE_KEYS, ItemResult
+from iqe.runtime.sources import SliceItem, Window, check_windows, discover, iter_slices
+
+InferFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+# Facts from the reader worth carrying into results.jsonl (never patient identity).
+_META_FIELDS = ("modality", "SOPInstanceUID", "InstanceNumber", "slice_position", "window")
 
 
-@dataclass
-class InputItem:
-    """A path to score, or the reason it cannot be (found while expanding inputs)."""
+def iter_input_items(inputs: Iterable[str | Path], size: int, windows: Mapping[str, Window] | None = None
+                     ) -> Iterator[SliceItem]:
+    """Items of every input argument in the order given (each argument discovered on its own).
 
-    path: str
-    error: str | None = None
-
-
-def expand_inputs(inputs: Iterable[str | Path]) -> list[InputItem]:
-    """Files stay as given; folders expand to their image files (recursive, sorted).
-
-    Missing paths and folders without images become error items instead of aborting.
+    DICOM files of one series are grouped when they sit in one folder argument; files
+    passed one by one are scored as single files.
     """
-    items: list[InputItem] = []
+    checked = check_windows(windows)
     for raw in inputs:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                items.append(InputItem(str(p), f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
-            items.extend(InputItem(str(f)) for f in found)
-        elif p.is_file():
-            items.append(InputItem(str(p)))
-        else:
-            items.append(InputItem(str(p), f"{p}: no such file or folder"))
-    return items
+        for source in discover([raw]):
+            yield from iter_slices(source, size, checked)
 
 
-def _read(item: InputItem, size: int) -> tuple[InputItem, np.ndarray | None, str | None]:
-    if item.error:
-        return item, None, item.error
+def _produce(items: Iterator[SliceItem], out: queue.Queue, stop: threading.Event) -> None:
     try:
-        return item, load_image(item.path, size), None
-    except InputError as exc:
-        return item, None, str(exc)
+        for item in items:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except BaseException as exc:  # surfaced in the consumer: a reader bug must not be silent
+        out.put(exc)
+        return
+    out.put(None)
 
 
-def _prefetch(items: list[InputItem], size: int, workers: int) -> Iterator[tuple[InputItem, np.ndarray | None, str | None]]:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(lambda it: _read(it, size), items)
+def _prefetched(items: Iterator[SliceItem], depth: int) -> Iterator[SliceItem]:
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    worker = threading.Thread(target=_produce, args=(items, q, stop), daemon=True, name="iqe-reader")
+    worker.start()
+    try:
+        while True:
+            got = q.get()
+            if got is None:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
-ScoreFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+def _result_for(item: SliceItem) -> ItemResult:
+    extra: dict = {}
+    if item.index is not None:
+        extra["series"] = item.source
+        extra["slice"] = item.index
+    extra.update({k: item.meta[k] for k in _META_FIELDS if k in item.meta})
+    return ItemResult(path=item.key, error=item.error, extra=extra)
 
 
-def torch_score_fn(model: torch.nn.Module, device: str | torch.device = "cpu") -> ScoreFn:
-    """Wrap an IQEModel as images [B,3,S,S] float32 -> smoothed outputs (NumPy)."""
-
-    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        return model.score(torch.from_numpy(batch).to(device))
-
-    return run
-
-
-def score_items(
-    items: list[InputItem],
-    score_fn: ScoreFn,
+def score_inputs(
+    inputs: Iterable[str | Path],
+    infer: InferFn,
     image_size: int,
     batch_size: int = 8,
     keep_maps: bool = False,
-    workers: int = 2,
-    progress: bool = True,
     keep_images: bool = False,
+    windows: Mapping[str, Window] | None = None,
+    progress: bool = True,
 ) -> list[ItemResult]:
-    """Score `items` in order.
+    """Score files, folders, DICOM series and NIfTI volumes.
 
     Args:
-        items: from `expand_inputs`.
-        score_fn: batch [B,3,S,S] -> dict of outputs (`score`, ..., `map`, `map_smooth`).
+        inputs: paths as given on the command line.
+        infer: batch float32 [B,3,S,S] -> dict with `score`, ..., `map`, `map_smooth` (a Runner's infer).
         image_size: model input side.
-        batch_size: images per inference call.
-        keep_maps: keep `map`/`map_smooth` per result (for maps.npz and overlays).
-        workers: decoding threads.
+        batch_size: slices per inference call.
+        keep_maps: keep `map`/`map_smooth` per result (maps.npz, overlays, volumes).
+        keep_images: keep the preprocessed input in `ItemResult.image` (overlays).
+        windows: intensity window overrides, {modality or "*": (center, width)}.
         progress: show a progress bar.
-        keep_images: keep the preprocessed input in `ItemResult.image` (for overlays).
     Returns:
-        One ItemResult per item, same order.
+        One ItemResult per slice item, in input order.
+    Raises:
+        InputError: bad `batch_size` or `windows` (before anything is read).
     """
     if batch_size < 1:
         raise InputError(f"--batch must be >= 1, got {batch_size}")
+    items = iter_input_items(inputs, image_size, windows)  # validates windows now
     results: list[ItemResult] = []
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        out = score_fn(np.stack([img for _, img in pending]))
+        out = infer(np.stack([img for _, img in pending]))
         for j, (idx, img) in enumerate(pending):
             r = results[idx]
-            r.scores = {k: float(out[k][j]) for k in ("score", "score_query", "score_text", "score_few", "map_max") if k in out}
+            r.scores = {k: float(out[k][j]) for k in SCORE_KEYS if k in out}
             if keep_maps:
                 r.map, r.map_smooth = out["map"][j], out["map_smooth"][j]
             if keep_images:
                 r.image = img
         pending.clear()
 
-    bar = tqdm(total=len(items), desc="scoring", unit="img", disable=not progress)
-    for item, image, error in _prefetch(items, image_size, workers):
-        results.append(ItemResult(path=item.path, error=error))
-        if image is not None:
-            pending.append((len(results) - 1, image))
+    bar = tqdm(desc="scoring", unit="slice", disable=not progress)
+    for item in _prefetched(items, depth=2 * batch_size):
+        results.append(_result_for(item))
+        if item.image is not None:
+            pending.append((len(results) - 1, item.image))
             if len(pending) == batch_size:
                 flush()
         bar.update(1)
