@@ -112,9 +112,15 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet)
     with runner:
-        results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch, keep_maps=args.save_maps,
+        results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
+                               keep_maps=args.save_maps or args.overlays, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
+    if args.overlays:
+        from iqe.runtime.overlay import save_overlays
+
+        n = len(save_overlays(results, args.out / "overlays"))
+        _print(f"wrote {n} heatmap overlays to {args.out / 'overlays'}")
     failed = [r for r in results if r.error]
     for r in failed:
         _print(f"error: {r.error}")
@@ -212,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
     p.add_argument("--batch", type=_positive, default=batch_default, help="images per inference call (env IQE_BATCH)")
+    p.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per scored image/slice")
     p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
                    help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
                         "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")

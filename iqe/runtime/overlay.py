@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,22 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, vmin:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(path)
     return path
+
+
+def save_overlays(results, folder: str | Path) -> list[Path]:
+    """One overlay per scored result (needs `image` and `map_smooth` kept), one colour range for all.
+
+    File names: running number + the item's key made filesystem-safe, so slices of a
+    series sort in order.
+    """
+    scored = [r for r in results if r.error is None and r.image is not None and r.map_smooth is not None]
+    if not scored:
+        return []
+    lo = min(float(r.map_smooth.min()) for r in scored)
+    hi = max(float(r.map_smooth.max()) for r in scored)
+    paths = []
+    for i, r in enumerate(scored):
+        base = re.sub(r"\.(png|jpe?g|bmp|tiff?|dcm|nii(\.gz)?)$", "", r.path.rsplit("/", 1)[-1], flags=re.I)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+        paths.append(save_overlay(r.image, r.map_smooth, Path(folder) / f"{i:05d}_{stem[-80:]}.png", lo, hi))
+    return paths

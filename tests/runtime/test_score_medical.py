@@ -45,7 +45,7 @@ def test_mixed_medical_batch(tiny_model, tmp_path):
     nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "vol.nii.gz")
     out = tmp_path / "out"
     rc = main(["score", "--model", str(bundle), str(odd), str(tmp_path / "series"), str(tmp_path / "vol.nii.gz"),
-               "--out", str(out), "--batch", "4", "--quiet", "--save-maps"])
+               "--out", str(out), "--batch", "4", "--quiet", "--save-maps", "--overlays"])
     assert rc == 0
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     errors = {r["path"]: r["error"] for r in rows if "error" in r}
@@ -69,3 +69,4 @@ def test_mixed_medical_batch(tiny_model, tmp_path):
     assert ct_row["score"] == pytest.approx(float(direct["score"][0]), abs=1e-5)
     maps = np.load(out / "maps.npz")
     assert len(maps["paths"]) == len(scored) and len(maps["failed"]) == len(errors)
+    assert len(list((out / "overlays").glob("*.png"))) == len(scored)
