@@ -44,6 +44,7 @@ class GraphInfo:
     outputs: dict[str, list]
     sha256: str = ""
     verify_max_abs: float | None = None
+    trt_lint: list[str] = field(default_factory=list)  # TensorRT ONNX-parser problems (empty = clean)
 
 
 @dataclass
@@ -172,9 +173,12 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
             torch.onnx.export(module, tuple(feed.values()), str(tmp), input_names=in_names, output_names=out_names,
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
         onnx.checker.check_model(str(tmp), full_check=True)
+        from iqe.engine.trt_lint import lint
+
+        trt_problems = lint(onnx.load(str(tmp)))
         os.replace(tmp, path)
         gi = GraphInfo(name, path.name, dict(zip(in_names, in_shapes)), dict(zip(out_names, out_shapes)),
-                       sha256_file(path))
+                       sha256_file(path), trt_lint=trt_problems)
         if verify:
             ref = _modules(model, precision)[name].eval() if precision == "fp16" else module
             gi.verify_max_abs = verify_with_onnxruntime(path, ref, feed, out_names)
