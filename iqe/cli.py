@@ -113,9 +113,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet)
     with runner:
         results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
-                               keep_maps=args.save_maps or args.overlays, keep_images=args.overlays,
+                               keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
+    _write_volume_outputs(args, results)
     if args.overlays:
         from iqe.runtime.overlay import save_overlays
 
@@ -129,6 +130,41 @@ def cmd_score(args: argparse.Namespace) -> int:
         _print("nothing could be scored")
         return 2
     return 0
+
+
+def _write_volume_outputs(args: argparse.Namespace, results) -> None:
+    """series.jsonl (series score = max slice score, argmax slice) and NIfTI anomaly volumes."""
+    import json as _json
+
+    from iqe.runtime.scoring import discover_in_order
+    from iqe.runtime.volumes import aggregate_series, write_anomaly_volume
+
+    rows = [r.to_json() for r in results]
+    summaries = aggregate_series(rows)
+    if not summaries:
+        return
+    tmp = args.out / ".series.jsonl.tmp"
+    tmp.write_text("".join(_json.dumps(s) + "\n" for s in summaries))
+    tmp.replace(args.out / "series.jsonl")
+    _print(f"{len(summaries)} volume(s): " + "; ".join(
+        f"{s['series']}: score {s['score']:.4f} at slice {s['argmax_slice']}" if s["score"] is not None
+        else f"{s['series']}: nothing scored" for s in summaries))
+    if not args.volumes:
+        return
+    by_series: dict[str, dict[int, object]] = {}
+    for r in results:
+        if r.error is None and r.map_smooth is not None and "series" in r.extra:
+            by_series.setdefault(r.extra["series"], {})[r.extra["slice"]] = r.map_smooth
+    for i, source in enumerate(s for s in discover_in_order(args.inputs) if s.kind in ("dicom_series", "nifti")):
+        maps = by_series.get(source.name)
+        if not maps:
+            continue
+        name = f"anomaly_{i:03d}_{(source.series_uid or source.path.name).replace('.nii.gz', '').replace('.nii', '')}.nii.gz"
+        try:
+            path = write_anomaly_volume(source, maps, args.out / "volumes" / name)
+            _print(f"wrote {path}")
+        except InputError as exc:
+            _print(f"error: {source.name}: no anomaly volume ({exc})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -219,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
     p.add_argument("--batch", type=_positive, default=batch_default, help="images per inference call (env IQE_BATCH)")
     p.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per scored image/slice")
+    p.add_argument("--volumes", action="store_true",
+                   help="write a NIfTI anomaly volume (map_smooth in the input's geometry) per DICOM series / NIfTI input")
     p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
                    help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
                         "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from iqe.errors import InputError
 from iqe.runtime.results import SCORE_KEYS, ItemResult
-from iqe.runtime.sources import SliceItem, Window, check_windows, discover, iter_slices
+from iqe.runtime.sources import SliceItem, Source, Window, check_windows, discover, iter_slices
 
 InferFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -35,9 +35,21 @@ def iter_input_items(inputs: Iterable[str | Path], size: int, windows: Mapping[s
     passed one by one are scored as single files.
     """
     checked = check_windows(windows)
+    for source in discover_in_order(inputs):
+        yield from iter_slices(source, size, checked)
+
+
+def discover_in_order(inputs: Iterable[str | Path]) -> list[Source]:
+    """Sources of every argument in the order given; a repeated argument is read once."""
+    seen: set[Path] = set()
+    sources: list[Source] = []
     for raw in inputs:
-        for source in discover([raw]):
-            yield from iter_slices(source, size, checked)
+        key = Path(raw).resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        sources.extend(discover([raw]))
+    return sources
 
 
 def _produce(items: Iterator[SliceItem], out: queue.Queue, stop: threading.Event) -> None:

@@ -4,6 +4,7 @@
     iter_slices(source)       Source -> SliceItem per 2-D image (or one error item)
     iter_items(inputs)        both, chained
     read_series_volume(src)   a DICOM series -> stacked volume + RAS affine (for NIfTI output)
+    nifti_display_ornt(aff)   the axis flips/permutation applied to a NIfTI volume before slicing
 
 Every item ends the way the model's training images did: an 8-bit display image, then
 the exact PIL path of `iqe.model.preprocess` (see `iqe.runtime.transforms`). What turns
@@ -68,6 +69,8 @@ DEFAULT_WINDOWS: dict[str, Window] = {"CT": (40.0, 400.0)}  # soft tissue / abdo
 GLOBAL_WINDOW = "*"  # key of a `windows` override that applies to every modality and format
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes convert('RGB') would clip
 MIN_MAX = (0.0, 100.0)  # percentiles meaning plain min-max
+NIFTI_DISPLAY_AXCODES = "LPS"  # frame NIfTI volumes are reoriented to before slicing (DICOM's)
+_AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
 
 SourceKind = Literal["image", "nifti", "dicom", "dicom_series", "error"]
 
@@ -781,7 +784,27 @@ def _nifti_loader() -> Compose:
             load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
     finally:
         plugin_log.setLevel(level)
-    return Compose([load, Orientation(axcodes="LPS", labels=(("L", "R"), ("P", "A"), ("I", "S")))])
+    return Compose([load, Orientation(axcodes=NIFTI_DISPLAY_AXCODES, labels=_AXIS_LABELS)])
+
+
+def nifti_display_ornt(affine: np.ndarray) -> np.ndarray:
+    """The axis flips and permutation `iter_slices` applies to a NIfTI volume before slicing.
+
+    The rule of MONAI's `Orientation` in `_nifti_loader`: the stored axes' closest world
+    axes (`nibabel.io_orientation`, so an oblique volume is never resampled) taken to
+    `NIFTI_DISPLAY_AXCODES`. ``nibabel.orientations.apply_orientation(stored, ornt)`` is
+    the reoriented volume, whose ``[:, :, k].T`` is slice k as shown to the model.
+
+    Args:
+        affine: the file's affine, ``nib.load(path).affine`` (what MONAI's NibabelReader uses).
+
+    Returns:
+        nibabel orientation transform, int [3, 2]: row i = (display axis of stored axis i,
+        1 or -1 when that axis is flipped).
+    """
+    start = nib.io_orientation(np.asarray(affine, dtype=np.float64))
+    return nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(NIFTI_DISPLAY_AXCODES,
+                                                                                labels=_AXIS_LABELS)).astype(int)
 
 
 def _nifti_modality(header: nib.Nifti1Header) -> str:

@@ -45,7 +45,7 @@ def test_mixed_medical_batch(tiny_model, tmp_path):
     nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "vol.nii.gz")
     out = tmp_path / "out"
     rc = main(["score", "--model", str(bundle), str(odd), str(tmp_path / "series"), str(tmp_path / "vol.nii.gz"),
-               "--out", str(out), "--batch", "4", "--quiet", "--save-maps", "--overlays"])
+               "--out", str(out), "--batch", "4", "--quiet", "--save-maps", "--overlays", "--volumes"])
     assert rc == 0
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     errors = {r["path"]: r["error"] for r in rows if "error" in r}
@@ -70,3 +70,16 @@ def test_mixed_medical_batch(tiny_model, tmp_path):
     maps = np.load(out / "maps.npz")
     assert len(maps["paths"]) == len(scored) and len(maps["failed"]) == len(errors)
     assert len(list((out / "overlays").glob("*.png"))) == len(scored)
+
+    # per-volume aggregation and anomaly volumes in the input geometry
+    summaries = {json.loads(l)["series"]: json.loads(l) for l in (out / "series.jsonl").read_text().splitlines()}
+    summary = next(v for k, v in summaries.items() if uid in k)
+    slice_scores = [r["score"] for r in series_rows]
+    assert summary["score"] == pytest.approx(max(slice_scores)) and summary["slices"] == 5
+    assert summary["argmax_slice"] == int(np.argmax(slice_scores))
+    volumes = sorted((out / "volumes").glob("*.nii.gz"))
+    assert len(volumes) == 2  # the DICOM series and the NIfTI
+    shapes = sorted(nib.load(v).shape for v in volumes)
+    assert shapes == sorted([(128, 128, 5), (20, 16, 4)])
+    nifti_out = next(v for v in volumes if "vol" in v.name)
+    np.testing.assert_allclose(nib.load(nifti_out).affine, np.diag([2.0, 2.0, 3.0, 1.0]))
