@@ -110,7 +110,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
-    runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet)
+    runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
+                         compile=args.compile)
     with runner:
         results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=os.environ.get("IQE_BACKEND", "torch"),
                    help="inference backend (env IQE_BACKEND)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the fused graph")
     p.add_argument("--engine", type=Path, default=None,
                    help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
 

@@ -173,11 +173,11 @@ def best_backend() -> str:
 
 
 def make_runner(bundle: str | Path, backend: str, precision: str = "fp32", engine_dir: str | Path | None = None,
-                progress: bool = True) -> Runner:
+                progress: bool = True, compile: bool = False) -> Runner:
     """One entry for callers: a Runner for `bundle` on `backend`, building engines as needed."""
     from iqe.model.bundle import load_bundle
 
     if backend == "torch":
-        return TorchRunner(load_bundle(bundle), precision=precision)
+        return TorchRunner(load_bundle(bundle), precision=precision, compile=compile)
     engine_dir = ensure_engine(bundle, backend, precision, engine_dir, progress=progress)
     return load_runner(engine_dir, backend, precision)
