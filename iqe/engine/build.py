@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from iqe.engine.filelock import file_lock
 from iqe.engine.manifest import EngineMismatch, Manifest, check_manifest, current_device
 from iqe.engine.runners import BACKENDS, OrtRunner, Runner, TensorRTRunner, TorchRunner
 from iqe.errors import InputError
@@ -120,17 +119,6 @@ def bundle_key(bundle: Path) -> str:
     return h.hexdigest()[:20]
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_engine(bundle: str | Path, backend: str, precision: str, engine_dir: str | Path | None = None,
                   max_batch: int = 32, progress: bool = True) -> Path:
     """Export and build on demand; engines are cached by bundle content under IQE_CACHE.
@@ -141,7 +129,7 @@ def ensure_engine(bundle: str | Path, backend: str, precision: str, engine_dir: 
 
     bundle = Path(bundle)
     engine_dir = Path(engine_dir) if engine_dir else cache_root() / bundle_key(bundle)
-    with _locked(engine_dir.with_name(engine_dir.name + ".lock")):
+    with file_lock(engine_dir):
         try:
             manifest = Manifest.read(engine_dir, backend, precision)
             check_manifest(manifest, engine_dir, backend_version(backend))

@@ -17,12 +17,10 @@ is missing. Device memory and streams come from torch CUDA tensors (no pycuda).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from iqe.engine.filelock import file_lock
 from iqe.errors import InputError
 
 if TYPE_CHECKING:
@@ -134,20 +133,6 @@ class BuildInfo:
     timing_cache: str | None = None  # path of the timing cache used and updated
 
 
-@contextmanager
-def _file_lock(target: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `<target>.lock`, so concurrent builds read and merge the
-    shared timing cache one at a time."""
-    lock_path = target.with_name(target.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or
     the whole new one, never a half-written plan or cache."""
@@ -166,7 +151,7 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
 
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     """Attach the shared timing cache at `path` (or a fresh one) to `config`."""
-    with _file_lock(path):
+    with file_lock(path):
         blob = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(blob)
     # A cache from another GPU or TensorRT version is refused rather than trusted; the
@@ -179,7 +164,7 @@ def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
     """Merge this build's timings into the file at `path`, which other builds may have
     updated meanwhile, under the lock; a file from another device is replaced."""
     ours = config.get_timing_cache()
-    with _file_lock(path):
+    with file_lock(path):
         merged = ours
         if path.is_file():
             on_disk = config.create_timing_cache(path.read_bytes())
