@@ -6,6 +6,7 @@
     iqe score              score images with a bundle -> results.jsonl (+ maps.npz)
     iqe train              train on a BMAD-layout data set -> bundle
     iqe synth              write a small synthetic BMAD-layout data set
+    iqe bench              latency/throughput benchmarks against the reference loop
     iqe demo               the main job: score the synthetic test split with the demo bundle
 
 Environment defaults (flags override): IQE_MODEL (bundle for `score`), IQE_BATCH.
@@ -201,6 +202,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Latency/throughput benchmarks: backends x precisions x batch sizes vs the reference loop (see `iqe bench --help`)."""
+    from iqe.bench.__main__ import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Main job: synthesize data, score its test split with the demo bundle, write overlays and AUC."""
     from iqe.runtime.demo import run_demo
@@ -287,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0)
 
+    # The benchmark's options live with it (iqe.bench); forwarding keeps the CLI's start-up light.
+    p = sub.add_parser("bench", help=cmd_bench.__doc__.strip().splitlines()[0], add_help=False)
+    p.set_defaults(func=cmd_bench)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     p = add("demo", cmd_demo)
     p.add_argument("--out", type=Path, default=Path("iqe-demo"), help="output directory")
     p.add_argument("--model", type=Path, default=None, help="bundle (default: the embedded demo bundle)")
@@ -297,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # options are parsed by iqe.bench itself (leading --flags included)
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
