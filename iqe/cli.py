@@ -118,7 +118,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
-    _write_volume_outputs(args, results)
+    from iqe.runtime.volumes import write_series_outputs
+
+    for line in write_series_outputs(args.inputs, results, args.out, volumes=args.volumes):
+        _print(line)
     if args.overlays:
         from iqe.runtime.overlay import save_overlays
 
@@ -132,41 +135,6 @@ def cmd_score(args: argparse.Namespace) -> int:
         _print("nothing could be scored")
         return 2
     return 0
-
-
-def _write_volume_outputs(args: argparse.Namespace, results) -> None:
-    """series.jsonl (series score = max slice score, argmax slice) and NIfTI anomaly volumes."""
-    import json as _json
-
-    from iqe.runtime.scoring import discover_in_order
-    from iqe.runtime.volumes import aggregate_series, write_anomaly_volume
-
-    rows = [r.to_json() for r in results]
-    summaries = aggregate_series(rows)
-    if not summaries:
-        return
-    tmp = args.out / ".series.jsonl.tmp"
-    tmp.write_text("".join(_json.dumps(s) + "\n" for s in summaries))
-    tmp.replace(args.out / "series.jsonl")
-    _print(f"{len(summaries)} volume(s): " + "; ".join(
-        f"{s['series']}: score {s['score']:.4f} at slice {s['argmax_slice']}" if s["score"] is not None
-        else f"{s['series']}: nothing scored" for s in summaries))
-    if not args.volumes:
-        return
-    by_series: dict[str, dict[int, object]] = {}
-    for r in results:
-        if r.error is None and r.map_smooth is not None and "series" in r.extra:
-            by_series.setdefault(r.extra["series"], {})[r.extra["slice"]] = r.map_smooth
-    for i, source in enumerate(s for s in discover_in_order(args.inputs) if s.kind in ("dicom_series", "nifti")):
-        maps = by_series.get(source.name)
-        if not maps:
-            continue
-        name = f"anomaly_{i:03d}_{(source.series_uid or source.path.name).replace('.nii.gz', '').replace('.nii', '')}.nii.gz"
-        try:
-            path = write_anomaly_volume(source, maps, args.out / "volumes" / name)
-            _print(f"wrote {path}")
-        except InputError as exc:
-            _print(f"error: {source.name}: no anomaly volume ({exc})")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

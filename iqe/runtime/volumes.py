@@ -21,8 +21,10 @@ and viewers overlay the two without resampling.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,44 @@ def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to `shape` with pixel edges aligned (PIL's convention, which made the model input)."""
     return ndimage.zoom(m, (shape[0] / m.shape[0], shape[1] / m.shape[1]), order=1, mode="nearest",
                         grid_mode=True)
+
+
+def write_series_outputs(inputs: list, results: list, out_dir: str | Path, volumes: bool = False) -> list[str]:
+    """`series.jsonl` (one summary per volume, see `aggregate_series`) and, with `volumes`,
+    a NIfTI anomaly volume per DICOM series / NIfTI input under `out_dir/volumes/`.
+
+    Args:
+        inputs: the scored arguments (re-discovered here: headers only).
+        results: `ItemResult`s of `score_inputs`, with `map_smooth` kept when `volumes`.
+        out_dir: the run's output directory.
+    Returns:
+        Log lines for the user (summaries, files written, per-volume errors).
+    """
+    from iqe.runtime.scoring import discover_in_order
+
+    out_dir = Path(out_dir)
+    summaries = aggregate_series([r.to_json() for r in results])
+    if not summaries:
+        return []
+    tmp = out_dir / ".series.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(s) + "\n" for s in summaries))
+    os.replace(tmp, out_dir / "series.jsonl")
+    lines = [f"{s['series']}: score {s['score']:.4f} at slice {s['argmax_slice']} of {s['slices']}"
+             if s["score"] is not None else f"{s['series']}: nothing scored" for s in summaries]
+    if not volumes:
+        return lines
+    by_series: dict[str, dict[int, np.ndarray]] = {}
+    for r in results:
+        if r.error is None and r.map_smooth is not None and "series" in r.extra:
+            by_series.setdefault(r.extra["series"], {})[r.extra["slice"]] = r.map_smooth
+    sources = [s for s in discover_in_order(inputs) if s.kind in ("dicom_series", "nifti")]
+    for i, source in enumerate(sources):
+        maps = by_series.get(source.name)
+        if not maps:
+            continue
+        stem = source.series_uid or re.sub(r"\.nii(\.gz)?$", "", source.path.name)
+        try:
+            lines.append(f"wrote {write_anomaly_volume(source, maps, out_dir / 'volumes' / f'anomaly_{i:03d}_{stem}.nii.gz')}")
+        except InputError as exc:
+            lines.append(f"error: {source.name}: no anomaly volume ({exc})")
+    return lines
