@@ -35,7 +35,7 @@ for what in "${@:-main}"; do
         ort-options)
             run cpu-vit-l-ort-options "${VITL[@]}" --backends onnxruntime --precisions fp32 --batches 8 \
                 --warmup 1 --iters 3 --e2e none --no-interleave \
-                --ort-variants default,threads-ort,no-spin,parallel,opt-basic,opt-extended,components ;;
+                --ort-variants default,threads-ort,no-spin,opt-basic,sigmoid-maps,fusion,fusion+sigmoid-maps,components ;;
         fp16)
             run cpu-vit-l-fp16 "${VITL[@]}" --backends torch,onnxruntime --precisions fp32,fp16 --batches 1 \
                 --warmup 1 --iters 3 --e2e single --e2e-repeats 1 ;;
