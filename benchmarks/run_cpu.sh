@@ -41,7 +41,7 @@ for what in "${@:-main}"; do
                 --warmup 1 --iters 3 --e2e single --e2e-repeats 1 ;;
         tiny)
             run cpu-tiny --preset tiny --backends torch,onnxruntime --precisions fp32,fp16 --batches 1,8,32 \
-                --warmup 2 --iters 10 --min-time 2 --ort-variants default,threads1,components --profile ;;
+                --warmup 2 --iters 10 --min-time 2 --ort-variants default,threads1,sigmoid-maps,components --profile ;;
         *)
             echo "unknown benchmark '$what'; choose from: main ort-options fp16 tiny" >&2; exit 2 ;;
     esac

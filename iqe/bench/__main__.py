@@ -10,9 +10,13 @@ from iqe.bench.core import add_bench_arguments, run_bench
 from iqe.errors import InputError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the module docstring's layout and show every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iqe.bench", description=BENCH_DOC,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse `argv` (default: sys.argv[1:]) and run the benchmark; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="iqe bench", description=BENCH_DOC, formatter_class=_HelpFormatter)
     add_bench_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -129,24 +129,24 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add the `iqe bench` options to `parser` (defaults keep a full ViT-L run practical on CPU)."""
     src = parser.add_argument_group("model")
     src.add_argument("--model", type=Path, default=None,
-                     help="bundle directory to benchmark (default: a random-weight model of --preset)")
+                     help="bundle directory to benchmark; without it, a random-weight model of --preset")
     src.add_argument("--preset", default="vit-l-14-336",
                      help="preset for a random-weight model when --model is not given (e.g. tiny, vit-l-14-336)")
     src.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic inputs")
 
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--backends", type=_csv(BACKENDS), default=["torch", "onnxruntime"],
+    sweep.add_argument("--backends", type=_csv(BACKENDS), default="torch,onnxruntime",
                        help=f"comma-separated, from {', '.join(BACKENDS)}")
-    sweep.add_argument("--precisions", type=_csv(PRECISIONS), default=["fp32"], help="comma-separated: fp32, fp16")
-    sweep.add_argument("--batches", type=_batches, default=[1, 8], help="comma-separated batch sizes")
+    sweep.add_argument("--precisions", type=_csv(PRECISIONS), default="fp32", help="comma-separated: fp32, fp16")
+    sweep.add_argument("--batches", type=_batches, default="1,8", help="comma-separated batch sizes")
     sweep.add_argument("--warmup", type=_nonneg_int, default=1, help="untimed calls before timing, per batch size")
     sweep.add_argument("--iters", type=_pos_int, default=5, help="timed calls per batch size (at least)")
     sweep.add_argument("--min-time", type=float, default=0.0,
                        help="keep timing past --iters until this many seconds accumulated (fast configs get more samples)")
-    sweep.add_argument("--ort-variants", type=_variants, default=["default"],
+    sweep.add_argument("--ort-variants", type=_variants, default="default",
                        help=f"ONNX Runtime session variants, comma-separated: {', '.join(VARIANTS)}")
     sweep.add_argument("--no-interleave", dest="interleave", action="store_false",
-                       help="time one configuration after the other (default: all runners loaded, timed calls "
+                       help="time one configuration after the other (otherwise all runners are loaded and timed calls "
                             "alternate between them so load drift on a shared machine hits all alike; needs the "
                             "memory of every configuration at once)")
     sweep.add_argument("--no-baseline", dest="baseline", action="store_false",
@@ -155,22 +155,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="on CPU, run fp16 only up to this batch (CPU fp16 kernels are slow); larger ones are recorded as skipped")
     sweep.add_argument("--profile", action="store_true",
                        help="also record an op-level profile per configuration (ORT profiler / torch.profiler) at --profile-batch")
-    sweep.add_argument("--profile-batch", type=_pos_int, default=None, help="batch size to profile (default: the largest)")
+    sweep.add_argument("--profile-batch", type=_pos_int, default=None, help="batch size to profile; none given: the largest of --batches")
 
     e2e = parser.add_argument_group("end to end")
-    e2e.add_argument("--e2e", type=_e2e, default=list(E2E_MODES),
-                     help="end-to-end runs: single (one PNG, one DICOM file), series (a DICOM series), all, none")
+    e2e.add_argument("--e2e", type=_e2e, default="all",
+                     help="end-to-end runs: single (one PNG, one DICOM file), series (a DICOM series), all, none; comma-separated")
     e2e.add_argument("--series-slices", type=_pos_int, default=200, help="slices of the synthetic DICOM series")
     e2e.add_argument("--series-size", type=_pos_int, default=512, help="rows = columns of each synthetic slice")
-    e2e.add_argument("--e2e-batch", type=_pos_int, default=None, help="batch size for the series (default: the largest of --batches)")
+    e2e.add_argument("--e2e-batch", type=_pos_int, default=None, help="batch size for the series; none given: the largest of --batches")
     e2e.add_argument("--e2e-repeats", type=_pos_int, default=3, help="timed repeats of each single-image run (after 1 warm-up)")
     e2e.add_argument("--no-save-maps", dest="save_maps", action="store_false",
-                     help="end-to-end runs write results.jsonl only (default: also maps.npz, as `iqe score --save-maps`)")
+                     help="end-to-end runs write results.jsonl only (otherwise also maps.npz, as `iqe score --save-maps`)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("iqe-bench"), help="report directory")
     out.add_argument("--engine-dir", type=Path, default=None,
-                     help="engine directory (default: the IQE_CACHE engine cache when IQE_CACHE is set, else a temporary folder)")
+                     help="engine directory; none given: the IQE_CACHE engine cache when IQE_CACHE is set, else a temporary folder")
     out.add_argument("--target-ratio", type=float, default=2.0,
                      help="target: ONNX Runtime fp32 throughput / reference loop at --target-batch")
     out.add_argument("--target-batch", type=_pos_int, default=8, help="batch size the target is checked at")
@@ -217,12 +217,12 @@ class BenchSettings:
     quiet: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
+    def from_args(cls, args: argparse.Namespace) -> BenchSettings:
         known = {f for f in cls.__dataclass_fields__}
         s = cls(**{k: v for k, v in vars(args).items() if k in known})
         return s.validate()
 
-    def validate(self) -> "BenchSettings":
+    def validate(self) -> BenchSettings:
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
             raise InputError(f"--model {self.model}: not a bundle directory (no config.json); "
                              f"or drop --model to benchmark a random-weight --preset")
@@ -389,7 +389,7 @@ class Sweep:
         bad = [it.error for it in first if it.error]
         if bad:
             raise RuntimeError(f"synthetic series unreadable (bug): {bad[0]}")
-        images = np.stack([it.image for it in first])
+        images = np.stack([it.image for it in first if it.image is not None])
         reps = math.ceil(s.batches[-1] / len(images))
         self.images = np.ascontiguousarray(np.concatenate([images] * reps)[: s.batches[-1]], dtype=np.float32)
 
@@ -635,7 +635,7 @@ class Sweep:
                 variant = VARIANTS[spec.variant]
                 folder = self.s.out / "profiles"
                 folder.mkdir(parents=True, exist_ok=True)
-                onnx_path = runner.onnx_path
+                onnx_path = runner.onnx_path  # type: ignore[attr-defined]  # OrtRunner or VariantOrtRunner
                 prof = VariantOrtRunner(onnx_path, self.size, variant, runner.max_batch,
                                         profile_prefix=folder / f"ort_{spec.label.replace('/', '_')}_b{batch}")
                 with prof:

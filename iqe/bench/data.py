@@ -30,14 +30,14 @@ def _template() -> tuple[Dataset, np.ndarray]:
 
         path = get_testdata_file("CT_small.dcm")
         if path:
-            ds = pydicom.dcmread(path)
-            return ds, ds.pixel_array.astype(np.int16)
-    except Exception:  # noqa: BLE001 - any failure of the optional test data falls back to a built data set
+            found = pydicom.dcmread(path)
+            return found, found.pixel_array.astype(np.int16)
+    except Exception:  # noqa: BLE001, S110 - any failure of the optional test data falls back to a built data set
         pass
     yy, xx = np.mgrid[0:128, 0:128]
     body = ((yy - 64) ** 2 / 50**2 + (xx - 64) ** 2 / 58**2) < 1
     pixels = np.where(body, 1064 + 30 * np.sin(xx / 5.0), 24).astype(np.int16)
-    ds = Dataset()
+    ds: Dataset = Dataset()
     ds.Modality = "CT"
     ds.SOPClassUID = CTImageStorage
     ds.Rows, ds.Columns = pixels.shape

@@ -26,7 +26,9 @@ def _cpuinfo() -> dict[str, Any]:
     path = Path("/proc/cpuinfo")
     if not path.is_file():
         return {}
-    model, flags, cores = None, set(), set()
+    model: str | None = None
+    flags: set[str] = set()
+    cores: set[tuple[str | None, str | None]] = set()
     physical_id = core_id = None
     for line in path.read_text().splitlines():
         key, _, value = (part.strip() for part in line.partition(":"))

@@ -94,9 +94,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"# iqe bench: {model['name']}",
         "",
         f"- **Machine**: {machine_line(m)}",
-        f"- **Model**: {model['source']}; {model['vision']} at {model['image_size']} px; {model['parameters_m']} M parameters; "
-        f"~{g['engine_total']} GFLOP/image as the engine computes it, ~{g['reference_total']} as the reference loop does "
-        f"(vision {g['vision']}, text full {g['text_full']} vs prefixed {g['text_prefixed']}, IQM {g['iqm']}).",
+        (f"- **Model**: {model['source']}; {model['vision']} at {model['image_size']} px; {model['parameters_m']} M "
+         f"parameters; ~{g['engine_total']} GFLOP/image as the engine computes it, ~{g['reference_total']} as the "
+         f"reference loop does (vision {g['vision']}, text full {g['text_full']} vs prefixed {g['text_prefixed']}, "
+         f"IQM {g['iqm']})."),
         f"- **Method**: {s['warmup']} warm-up call(s), then >= {s['iters']} timed calls per batch size"
         + (f" (and >= {s['min_time']} s)" if s.get("min_time") else "")
         + "; percentiles over the timed calls (linear interpolation); images/s = batch x calls / total timed time. "
@@ -226,8 +227,9 @@ def write_plots(report: dict[str, Any], out: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in labels:
         pts = sorted((r["batch"], r["images_per_s"]) for r in rows if r["label"] == label)
-        style = {"color": "black", "linestyle": "--"} if label.startswith("reference-loop") else {}
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
+        baseline = label.startswith("reference-loop")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                color="black" if baseline else None, linestyle="--" if baseline else "-")
     ax.set_xscale("log", base=2)
     all_batches = sorted({r["batch"] for r in rows})
     if all_batches:
@@ -287,14 +289,11 @@ def console_summary(report: dict[str, Any]) -> str:
 
 
 def rerender(report_json: str | Path) -> dict[str, str]:
-    """Re-write report.md, report.csv and the plots from a report.json (e.g. after a change to this module)."""
+    """Re-write report.md, report.csv and the plots from a report.json (e.g. after a change to this module).
+
+    `python -c "from iqe.bench.report import rerender; rerender('OUT/report.json')"`
+    """
     path = Path(report_json)
     report = json.loads(path.read_text())
     return write_all(report, path.parent)
 
-
-if __name__ == "__main__":  # python -m iqe.bench.report OUT/report.json
-    import sys
-
-    for arg in sys.argv[1:]:
-        print(rerender(arg))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +52,7 @@ class Clock:
     def kind(self) -> str:
         return "cuda_events" if self.cuda else "perf_counter"
 
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Self:
         if self.cuda:
             self._torch.cuda.synchronize()
             self._start.record()
@@ -60,7 +60,7 @@ class Clock:
             self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.cuda:
             self._end.record()
             self._torch.cuda.synchronize()
