@@ -61,7 +61,9 @@ def save_bundle(model: IQEModel, out_dir: str | Path, extra: dict | None = None)
     try:
         (tmp / CONFIG_NAME).write_text(model.cfg.to_json() + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "iqe-bundle", "config_sha256": model.cfg.digest()})
+        # One metadata entry: safetensors stores the metadata map in arbitrary order, and
+        # engine caches key on the file's bytes, so the same weights must give the same file.
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"iqe-bundle": f"config_sha256={model.cfg.digest()}"})
         if extra:
             (tmp / "provenance.json").write_text(json.dumps(extra, indent=2) + "\n")
         if out_dir.exists():

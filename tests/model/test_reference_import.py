@@ -106,3 +106,10 @@ def test_unexpected_key_and_bad_files(fp16_model, tmp_path):
         del ckpt["iqm"]
         torch.save(ckpt, tmp_path / "bad.pth")
         import_reference(tmp_path / "clip.pt", tmp_path / "bad.pth", FEATS)
+
+
+def test_bundle_bytes_are_deterministic(tiny_model, tmp_path):
+    """Engine caches key on the bundle's bytes: saving the same weights twice must give the same file."""
+    a = save_bundle(tiny_model, tmp_path / "a") / "model.safetensors"
+    b = save_bundle(tiny_model, tmp_path / "b") / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()
