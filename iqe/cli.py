@@ -20,7 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from iqe.argtypes import int_at_least
 from iqe.errors import InputError
+
+_positive = int_at_least(1)
 
 DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 
@@ -33,13 +36,6 @@ def _features(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"layer numbers are 1-based and positive, got '{text}'")
     return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _window(text: str) -> tuple[str, tuple[float, float]]:

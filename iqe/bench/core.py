@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from iqe.argtypes import int_at_least
 from iqe.bench import report as report_mod
 from iqe.bench.data import write_dicom_series, write_png
 from iqe.bench.e2e import run_pipeline
@@ -103,18 +104,8 @@ def _variants(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _pos_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_nonneg_int = int_at_least(0)
+_pos_int = int_at_least(1)
 
 
 def _e2e(text: str) -> list[str]:
