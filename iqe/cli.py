@@ -27,6 +27,11 @@ _positive = int_at_least(1)
 
 DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 
+# Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
+# returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
+STAGE_COMMANDS: list[str] = [
+]
+
 
 def _features(text: str) -> list[int]:
     try:
@@ -270,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="Brain", help="synthetic object to score")
     p.add_argument("--batch", type=_positive, default=batch_default)
     p.add_argument("--overlays", type=int, default=6, help="heatmap overlay PNGs to write")
+
+    import importlib
+
+    for module in STAGE_COMMANDS:
+        importlib.import_module(module).register(add)
     return parser
 
 
