@@ -64,3 +64,24 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
 def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> Path:
     """Write UTF-8 `text` to `path` atomically; returns `path`."""
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """A temporary sibling path for a library that writes files itself (ONNX Runtime,
+    torch.onnx); on success it replaces `path`, on an exception it is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)

@@ -9,7 +9,8 @@
     iqe bench              latency/throughput benchmarks against the reference loop
     iqe demo               the main job: score the synthetic test split with the demo bundle
 
-Environment defaults (flags override): IQE_MODEL (bundle for `score`), IQE_BATCH.
+Environment defaults (flags override, values are checked like the flags'): IQE_MODEL (bundle
+for `score`), IQE_BACKEND (`score`), IQE_BATCH (`score`, `demo`); IQE_CACHE: engine cache folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-from iqe.argtypes import int_at_least
+from iqe.argtypes import (
+    EnvDefault,
+    apply_env_defaults,
+    backend_name,
+    int_at_least,
+    missing_module_message,
+    require_modules,
+)
 from iqe.errors import InputError
 
 _positive = int_at_least(1)
@@ -66,14 +74,31 @@ def _print(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _cache_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: exists and is not a directory")
+    return path
+
+
+# Options that fall back to an environment variable, per command (checked after parsing).
+ENV_DEFAULTS = {
+    "score": [EnvDefault("model", "IQE_MODEL", _existing), EnvDefault("backend", "IQE_BACKEND", backend_name),
+              EnvDefault("batch", "IQE_BATCH", _positive), EnvDefault("cache", "IQE_CACHE", _cache_dir)],
+    "demo": [EnvDefault("batch", "IQE_BATCH", _positive), EnvDefault("cache", "IQE_CACHE", _cache_dir)],
+}
+ONNX_MODULES = ("onnx", "onnxruntime")  # export writes with onnx and verifies every graph with ONNX Runtime
+
+
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_import_reference(args: argparse.Namespace) -> int:
     """Import the reference's OpenAI CLIP weights + IQE-CLIP checkpoint into a bundle."""
-    from iqe.model.bundle import save_bundle
+    from iqe.model.bundle import check_bundle_target, save_bundle
     from iqe.model.reference import import_reference
 
+    check_bundle_target(args.out, args.force)
     model = import_reference(args.clip, args.checkpoint, args.features, args.iqm_config, args.image_size)
-    save_bundle(model, args.out, extra={"imported_from": {"clip": str(args.clip), "checkpoint": str(args.checkpoint),
+    save_bundle(model, args.out, force=args.force, extra={"imported_from": {"clip": str(args.clip), "checkpoint": str(args.checkpoint),
                                                            "features": args.features}})
     c = model.cfg
     _print(f"wrote {args.out}: ViT width {c.vision.width} x {c.vision.layers} blocks, patch {c.vision.patch_size}, "
@@ -84,14 +109,41 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a bundle to ONNX graphs (image encoder, text branch, head, fused), each verified."""
+    from iqe.engine.manifest import BundleRef, short
+
+    require_modules(ONNX_MODULES, "iqe export")
+    ref = BundleRef.of_bundle(args.bundle)
+    _check_engine_target(args.out, ref, args.force)
     from iqe.export.onnx_export import export_model
     from iqe.model.bundle import load_bundle
 
     info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet)
+    ref.write(args.out)
+    _print(f"  bundle {short(ref.bundle_sha256)} recorded in {args.out / 'bundle.json'}")
     for g in info.graphs.values():
         _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
     _print(f"wrote {len(info.graphs)} graphs to {args.out} in {info.export_seconds:.1f} s")
     return 0
+
+
+def _check_engine_target(out: Path, ref, force: bool) -> None:
+    """`iqe export --out` may be new, empty, or an engine folder of the same bundle (or of another, with --force)."""
+    from iqe.engine.manifest import BundleRef, short
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    entries = [p.name for p in out.iterdir()]
+    if not entries:
+        return
+    recorded = BundleRef.read(out)
+    if recorded is None and not any(n.startswith("export.") and n.endswith(".json") for n in entries):
+        raise InputError(f"--out {out}: exists and is not an engine folder (holds {', '.join(sorted(entries)[:3])}"
+                         f"{' ...' if len(entries) > 3 else ''}); nothing was written, choose a new or empty folder")
+    if recorded is not None and recorded.bundle_sha256 != ref.bundle_sha256 and not force:
+        raise InputError(f"--out {out}: holds engines of bundle {short(recorded.bundle_sha256)} ({recorded.bundle}); "
+                         f"pass --force to re-export it for bundle {short(ref.bundle_sha256)} ({ref.bundle})")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -110,12 +162,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import write_results
     from iqe.runtime.scoring import score_inputs
 
-    if args.model is None:
-        raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
                          compile=args.compile)
     with runner:
-        results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
+        batch = args.batch or runner.preferred_batch()
+        results = score_inputs(args.inputs, runner.infer, runner.image_size, batch,
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
@@ -147,6 +198,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from iqe.model.iqe import IQEModel
     from iqe.model.train import TrainOptions, train
 
+    from iqe.model.bundle import check_bundle_target, is_bundle
+
+    if not (args.resume and is_bundle(args.out)):  # --resume continues into the bundle this training wrote
+        check_bundle_target(args.out, args.force)
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_bundle(args.init)
@@ -182,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Main job: synthesize data, score its test split with the demo bundle, write overlays and AUC."""
     from iqe.runtime.demo import run_demo
 
-    summary = run_demo(Path(args.out), bundle=args.model or DEMO_BUNDLE, target=args.target, batch_size=args.batch,
+    summary = run_demo(Path(args.out), bundle=args.model or DEMO_BUNDLE, target=args.target, batch_size=args.batch or 8,
                        n_overlays=args.overlays, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
@@ -194,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iqe-engine {__import__('iqe').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    batch_default = int(os.environ.get("IQE_BATCH", "8"))
 
     def add(name: str, fn) -> argparse.ArgumentParser:
         doc = fn.__doc__.strip()
@@ -209,39 +263,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iqm-config", type=_existing, default=None, help="reference IQM JSON (num_attention_heads); default 8 heads")
     p.add_argument("--features", type=_features, default=[6, 12, 18, 24], help="1-based vision blocks used in training")
     p.add_argument("--image-size", type=_positive, default=240, help="evaluation resolution")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (its bundle files only)")
 
     p = add("export", cmd_export)
     p.add_argument("bundle", type=_existing, help="bundle directory")
     p.add_argument("--out", type=Path, required=True, help="engine directory to write")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--max-batch", type=_positive, default=32, help="largest batch engines are built for")
+    p.add_argument("--force", action="store_true", help="re-export a folder that holds another bundle's engines")
 
     p = add("build", cmd_build)
     p.add_argument("engine_dir", type=_existing, help="directory written by `iqe export`")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    p.add_argument("--backend", type=backend_name, default="onnxruntime", metavar="{onnxruntime,tensorrt}")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--min-batch", type=_positive, default=1)
-    p.add_argument("--opt-batch", type=_positive, default=8)
+    p.add_argument("--opt-batch", type=_positive, default=None, help="default: 8, within min..max")
     p.add_argument("--max-batch", type=_positive, default=None, help="default: the export's max batch")
 
     p = add("score", cmd_score)
     p.add_argument("inputs", nargs="+",
                    help="PNG/JPEG/TIFF files, DICOM files, folders (DICOM series are grouped by SeriesInstanceUID), NIfTI")
-    p.add_argument("--model", type=Path, default=os.environ.get("IQE_MODEL"), help="bundle directory (env IQE_MODEL)")
+    p.add_argument("--model", type=_existing, default=None, help="bundle directory (env IQE_MODEL)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
-    p.add_argument("--batch", type=_positive, default=batch_default, help="images per inference call (env IQE_BATCH)")
+    p.add_argument("--batch", type=_positive, default=None,
+                   help="images per inference call (env IQE_BATCH; default: the backend's measured best on this "
+                        "device: 1 on CPU, 8 on GPU)")
     p.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per scored image/slice")
     p.add_argument("--volumes", action="store_true",
                    help="write a NIfTI anomaly volume (map_smooth in the input's geometry) per DICOM series / NIfTI input")
     p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
                    help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
                         "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=os.environ.get("IQE_BACKEND", "torch"),
-                   help="inference backend (env IQE_BACKEND)")
+    p.add_argument("--backend", type=backend_name, default=None, metavar="{torch,onnxruntime,tensorrt}",
+                   help="inference backend (env IQE_BACKEND; default torch)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the fused graph")
+    p.set_defaults(cache=None)
     p.add_argument("--engine", type=Path, default=None,
                    help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
 
@@ -258,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=_positive, default=None, help="cap on batches per epoch")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train/train_state.pt")
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (best epoch)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (best epoch; new or empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (its bundle files only)")
 
     p = add("synth", cmd_synth)
     p.add_argument("--out", type=Path, required=True, help="directory to write")
@@ -273,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("iqe-demo"), help="output directory")
     p.add_argument("--model", type=Path, default=None, help="bundle (default: the embedded demo bundle)")
     p.add_argument("--target", default="Brain", help="synthetic object to score")
-    p.add_argument("--batch", type=_positive, default=batch_default)
+    p.add_argument("--batch", type=_positive, default=None, help="images per inference call (env IQE_BATCH; default 8)")
     p.add_argument("--overlays", type=int, default=6, help="heatmap overlay PNGs to write")
+    p.set_defaults(cache=None)
 
     import importlib
 
@@ -289,10 +350,35 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
+        validate(args)
         return args.func(args)
     except InputError as exc:
         _print(f"iqe {args.command}: error: {exc}")
         return 2
+    except ModuleNotFoundError as exc:  # an optional dependency some path imported without checking first
+        from iqe.argtypes import EXTRAS
+
+        if (exc.name or "").split(".")[0] not in EXTRAS:
+            raise
+        _print(f"iqe {args.command}: error: {missing_module_message(exc)}")
+        return 2
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need more than one option or the environment; all before any work starts."""
+    apply_env_defaults(args, ENV_DEFAULTS.get(args.command, ()))
+    if getattr(args, "cache", None) is not None:
+        os.environ["IQE_CACHE"] = str(args.cache)
+    if args.command == "score":
+        if args.model is None:
+            raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+        args.backend = args.backend or "torch"
+        if args.compile:
+            from iqe.engine.build import check_compile
+
+            check_compile(args.backend)
+    if args.command == "build" and args.backend == "torch":
+        raise InputError("--backend torch runs the bundle directly; `iqe build` builds onnxruntime or tensorrt engines")
 
 
 if __name__ == "__main__":

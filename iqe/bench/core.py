@@ -57,7 +57,8 @@ from iqe.bench.ort import (
 )
 from iqe.bench.reference_loop import ReferenceLoopRunner
 from iqe.bench.stats import Clock, summarize, time_calls
-from iqe.engine.runners import BACKENDS, Runner
+from iqe.engine.registry import BACKENDS
+from iqe.engine.runners import Runner
 from iqe.errors import InputError
 
 BASELINE = "reference-loop"
@@ -388,7 +389,7 @@ class Sweep:
     def make_runner(self, spec: ConfigSpec) -> Runner:
         """The runner of a configuration (exporting / building engines as needed)."""
         from iqe.engine.build import make_runner
-        from iqe.engine.runners import TorchRunner
+        from iqe.engine.torch_backend import TorchRunner
 
         if spec.is_baseline:
             import torch
@@ -403,7 +404,7 @@ class Sweep:
             if variant.graph == "components":
                 graphs = component_graphs(self.model, self.engine_dir, spec.precision, self.s.progress)
                 return ComponentsOrtRunner(graphs, self.size, variant, max_batch=base.max_batch)
-            return VariantOrtRunner(base.onnx_path, self.size, variant, max_batch=base.max_batch)  # type: ignore[attr-defined]
+            return VariantOrtRunner(base.graph_path, self.size, variant, max_batch=base.max_batch)  # type: ignore[attr-defined]
         return make_runner(self.bundle, spec.backend, spec.precision, self.engine_dir, progress=self.s.progress)
 
     def skip_reason(self, spec: ConfigSpec, device: str, batch: int) -> str | None:
@@ -626,7 +627,7 @@ class Sweep:
                 variant = VARIANTS[spec.variant]
                 folder = self.s.out / "profiles"
                 folder.mkdir(parents=True, exist_ok=True)
-                onnx_path = runner.onnx_path  # type: ignore[attr-defined]  # OrtRunner or VariantOrtRunner
+                onnx_path = runner.graph_path  # type: ignore[attr-defined]  # OrtRunner or VariantOrtRunner
                 prof = VariantOrtRunner(onnx_path, self.size, variant, runner.max_batch,
                                         profile_prefix=folder / f"ort_{spec.label.replace('/', '_')}_b{batch}")
                 with prof:

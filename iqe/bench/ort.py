@@ -1,7 +1,7 @@
 """ONNX Runtime variants for the sweep: session options, the component graphs, op profiles.
 
 The `default` variant is exactly what `iqe score --backend onnxruntime` runs (the runner
-`iqe.engine.build.make_runner` returns). Every other variant re-opens the same engine's
+`iqe.engine.build.make_runner` returns, opened as an exported graph with ORT's optimisation on). Every other variant re-opens the same engine's
 ONNX file with different session options, or chains the separately exported component
 graphs, to show which options matter on the machine at hand.
 """
@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from iqe.engine.runners import OrtRunner, Runner, ort_providers
+from iqe.atomic import atomic_path
+from iqe.engine.onnxruntime_backend import OrtRunner, ort_providers
+from iqe.engine.runners import Runner
 from iqe.errors import InputError
 from iqe.export.graphs import HEAD_OUTPUTS
 
@@ -118,11 +120,11 @@ def _save(model, out: Path) -> None:
     """Save an onnx.ModelProto atomically (external data above protobuf's 2 GB limit)."""
     import onnx
 
-    external = model.ByteSize() > 1.8e9
-    target = out if external else out.with_name(f".{out.name}.tmp")  # external data files are named after the target
-    onnx.save_model(model, str(target), save_as_external_data=external, location=out.name + ".data" if external else None)
-    if target != out:
-        os.replace(target, out)
+    if model.ByteSize() > 1.8e9:  # external data files are named after the target: written in place
+        onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
+        return
+    with atomic_path(out, durable=False) as tmp:
+        onnx.save_model(model, str(tmp))
 
 
 def _rewrite_fusion(src: Path, out: Path) -> None:

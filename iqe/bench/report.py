@@ -9,17 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from iqe.atomic import atomic_open, atomic_write_text
 
 PLOTS = {"throughput": "throughput_vs_batch.png", "latency": "latency_distribution.png"}
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, durable=False)
 
 
 def _json_safe(x: Any) -> Any:
@@ -194,8 +193,7 @@ CSV_FIELDS = ("kind", "label", "backend", "precision", "variant", "batch", "form
 
 
 def write_csv(report: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(path, "w", durable=False) as fh:
         w = csv.DictWriter(fh, CSV_FIELDS)
         w.writeheader()
         for r in report["results"]:
@@ -205,7 +203,6 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
                         **{f"{p}_ms": lat.get(p) for p in ("p50", "p90", "p95", "p99", "mean", "std")},
                         "n": lat.get("n"), "parity_scores_max_abs": par.get("scores_max_abs"),
                         "parity_maps_max_abs": par.get("maps_max_abs")})
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ plots

@@ -1,57 +1,66 @@
-"""TensorRT: ONNX -> serialized plan (`build_engine`), weight refit, and a runner (`TrtRunner`).
+"""TensorRT backend: ONNX -> serialized plan (`build_engine`), weight refit, and the runner (`TrtRunner`).
 
 Networks are built strongly typed: the precision lives in the exported ONNX (an fp16
 graph gives an fp16 engine). TensorRT 10.12 deprecated the FP16/INT8 builder flags and
 TensorRT 11 removed them, so none are set here; on 11 the STRONGLY_TYPED creation flag
-is accepted and ignored, on 10.x it is what turns strong typing on.
+is accepted and ignored, on 10.x it is what turns strong typing on. TF32 is cleared
+(TensorRT allows it by default): float32 tensors are computed in float32.
 
-TensorRT is an optional extra: it is imported inside the functions that need it, so this
-module imports without it, and every entry point says "TensorRT is not installed" when it
-is missing. Device memory and streams come from torch CUDA tensors (no pycuda).
+TensorRT (and torch, which provides device memory and streams; no pycuda) are imported
+inside the functions that need them, so the registry imports this module cheaply and
+every entry point says "TensorRT is not installed" when it is missing.
 
     info = build_engine(Path("fused.fp16.onnx"), Path("fused.fp16.plan"), {"images": (3, 336, 336)},
                         TrtBuildOptions(max_batch=32, timing_cache=Path("timing.cache")))
     with TrtRunner("fused.fp16.plan") as runner:
-        outputs = runner.infer({"images": batch})   # name -> torch CUDA tensor
+        outputs = runner.infer_tensors({"images": batch})   # name -> torch CUDA tensor
+        scores = runner.infer(images)                        # Runner interface: NumPy float32
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
+from iqe.atomic import atomic_open
 from iqe.engine.filelock import file_lock
+from iqe.engine.registry import Backend, BatchProfile, BuildResult
+from iqe.engine.runners import Runner
 from iqe.errors import InputError
 
 if TYPE_CHECKING:
     import tensorrt as trt
+    import torch
 
-NOT_INSTALLED = ("TensorRT is not installed (pip install 'iqe-engine[tensorrt]' on a CUDA machine); "
-                 "use the onnxruntime or torch backend here")
+    from iqe.engine.manifest import Manifest
 
-# TensorRT DataType name -> torch dtype of the buffers we hand it. Keyed by name so the
-# table exists without importing TensorRT. INT4/FP4/E8M0 are packed types TensorRT only
-# uses inside quantized graphs, never as IO, so they have no entry.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT8": torch.int8,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "FP8": torch.float8_e4m3fn,
-}
+INSTALL = "pip install 'iqe-engine[tensorrt]'"
+NOT_INSTALLED = (f"TensorRT is not installed; install it with `{INSTALL}` on a CUDA machine, "
+                 "or use --backend onnxruntime or torch here")
+
+
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """TensorRT DataType name -> torch dtype of the buffers we hand it. Keyed by name so
+    the table exists without importing TensorRT. INT4/FP4/E8M0 are packed types TensorRT
+    only uses inside quantized graphs, never as IO, so they have no entry."""
+    import torch
+
+    return {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT8": torch.int8,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "BOOL": torch.bool,
+        "UINT8": torch.uint8,
+        "FP8": torch.float8_e4m3fn,
+    }
 
 RefitMode = Literal["none", "weights", "identical"]
 
@@ -87,6 +96,8 @@ def _require_tensorrt() -> None:
 
 
 def _require_cuda(what: str) -> None:
+    import torch
+
     if not torch.cuda.is_available():
         raise InputError(f"{what} needs a CUDA GPU and a CUDA build of torch; torch {torch.__version__} sees none")
 
@@ -105,6 +116,7 @@ class TrtBuildOptions:
     # "identical": REFIT_IDENTICAL, refit only with the build-time weights, which keeps
     # weight-dependent optimisations; "none": no refit, fastest engine.
     refit: RefitMode = "none"
+    tf32: bool = False  # allow TF32 for float32 tensors (10-bit mantissas); off: fp32 engines compute in fp32
 
     def validate(self) -> None:
         """Raise InputError naming the first option that cannot be used."""
@@ -134,19 +146,10 @@ class BuildInfo:
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or
-    the whole new one, never a half-written plan or cache."""
+    """Readers see the old plan or cache or the whole new one, never half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
 
 
 def _load_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
@@ -230,10 +233,12 @@ def build_engine(onnx_path: Path, plan_path: Path, input_shapes: Mapping[str, tu
     # parse_from_file resolves external weight files relative to the model's folder.
     if not parser.parse_from_file(str(onnx_path)):
         raise InputError(_parser_errors(parser, onnx_path)
-                         + "\nrun iqe.engine.trt_lint.lint on the graph for unsupported operators and FP16 hazards")
+                         + "\nrun iqe.export.trt_lint.lint on the graph for unsupported operators and FP16 hazards")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     if options.builder_optimization_level is not None:
         config.builder_optimization_level = options.builder_optimization_level
     if options.refit == "weights":
@@ -266,6 +271,8 @@ def build_engine(onnx_path: Path, plan_path: Path, input_shapes: Mapping[str, tu
     _write_atomic(plan_path, memoryview(serialized))
     if options.timing_cache is not None:
         _save_timing_cache(config, options.timing_cache)
+
+    import torch
 
     major, minor = torch.cuda.get_device_capability()
     outputs = [network.get_output(i) for i in range(network.num_outputs)]
@@ -339,19 +346,27 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
-class TrtRunner:
-    """Runs a TensorRT plan on torch CUDA buffers; a context manager.
+class TrtRunner(Runner):
+    """Runs a TensorRT plan on torch CUDA buffers; a context manager (the Runner interface).
 
-    `__enter__` deserializes the plan and creates an execution context and a dedicated
+    `activate` deserializes the plan and creates an execution context and a dedicated
     CUDA stream (TensorRT synchronizes more when enqueued on the legacy default stream);
-    `infer` validates the feed, runs, and waits for the result; `__exit__` releases.
+    `infer_tensors` validates a feed of named tensors, runs, and waits for the result;
+    `infer` (Runner) takes the image batch and returns NumPy float32 outputs;
+    `deactivate` releases.
 
     Args:
         plan_path: serialized engine from `build_engine`.
+        image_size: side of the `images` input for `infer` (None: any).
+        max_batch: larger `infer` batches are split (the profile's max).
         device: CUDA device index; defaults to torch's current device.
     """
 
-    def __init__(self, plan_path: str | Path, device: int | None = None) -> None:
+    name = "tensorrt"
+
+    def __init__(self, plan_path: str | Path, image_size: int | None = None, max_batch: int | None = None,
+                 device: int | None = None) -> None:
+        super().__init__(image_size, max_batch)
         self.plan_path = Path(plan_path)
         self.device_index = device
         self.specs: dict[str, TensorSpec] = {}
@@ -359,21 +374,20 @@ class TrtRunner:
         self._engine: trt.ICudaEngine | None = None
         self._context: trt.IExecutionContext | None = None
         self._stream: torch.cuda.Stream | None = None
-        self._device = torch.device("cuda")
+        self.device = "cuda"
 
-    def __enter__(self) -> TrtRunner:
+    def _activate(self) -> None:
         """Deserialize the plan and prepare a context and stream.
 
         Raises:
             InputError: TensorRT or a GPU is missing, or the plan cannot be loaded.
-            RuntimeError: the runner is already active.
         """
         _require_tensorrt()
         import tensorrt as trt
+        import torch
 
-        if self._context is not None:
-            raise RuntimeError(f"TrtRunner({self.plan_path}) is already active")
         _require_cuda("running a TensorRT engine")
+        dtypes = torch_dtypes()
         index = torch.cuda.current_device() if self.device_index is None else self.device_index
         self._device = torch.device("cuda", index)
         with torch.cuda.device(self._device):
@@ -382,21 +396,19 @@ class TrtRunner:
             for i in range(engine.num_io_tensors):
                 name = engine.get_tensor_name(i)
                 dtype = engine.get_tensor_dtype(name)
-                if dtype.name not in TORCH_DTYPES:
+                if dtype.name not in dtypes:
                     raise InputError(f"{self.plan_path}: IO tensor '{name}' has TensorRT type {dtype.name}, which "
-                                     f"has no torch buffer type here (known: {', '.join(TORCH_DTYPES)})")
+                                     f"has no torch buffer type here (known: {', '.join(dtypes)})")
                 specs[name] = TensorSpec(name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
-                                         TORCH_DTYPES[dtype.name], _dims(engine.get_tensor_shape(name)))
+                                         dtypes[dtype.name], _dims(engine.get_tensor_shape(name)))
             context = engine.create_execution_context()
             if context is None:
                 raise InputError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory "
                                  "exhausted?); free GPU memory or build with a smaller max batch")
             self._stream = torch.cuda.Stream(self._device)
         self._runtime, self._engine, self._context, self.specs = runtime, engine, context, specs
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def _deactivate(self) -> None:
         """Release the context, engine, runtime and stream (in that order: a context must
         not outlive its engine)."""
         self._context = None
@@ -421,6 +433,8 @@ class TrtRunner:
         if missing or unknown:
             raise InputError(f"{self.plan_path.name}: feed must hold exactly the inputs {self.input_names}; "
                              f"missing {missing}, unknown {unknown}")
+        import torch
+
         tensors = {}
         for name in self.input_names:
             value = feed[name]
@@ -435,7 +449,7 @@ class TrtRunner:
             tensors[name] = tensor
         return tensors
 
-    def infer(self, feed: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, torch.Tensor]:
+    def infer_tensors(self, feed: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, torch.Tensor]:
         """Run the engine once.
 
         Host inputs are staged through pinned memory; CUDA inputs are used in place.
@@ -454,7 +468,9 @@ class TrtRunner:
             RuntimeError: used outside `with`, or TensorRT failed to enqueue.
         """
         if self._context is None or self._engine is None or self._stream is None:
-            raise RuntimeError(f"TrtRunner({self.plan_path}) used outside `with` (call __enter__ first)")
+            raise RuntimeError(f"TrtRunner({self.plan_path}) used outside `with` (call activate() first)")
+        import torch
+
         context, engine, stream = self._context, self._engine, self._stream
         tensors = self._validate(feed)
         caller_stream = torch.cuda.current_stream(self._device)
@@ -495,17 +511,61 @@ class TrtRunner:
         return outputs
 
     def infer_numpy(self, feed: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
-        """`infer`, with outputs copied to NumPy (bfloat16 and float8 widened to float32,
-        which NumPy lacks).
+        """`infer_tensors`, with outputs copied to NumPy (bfloat16 and float8 widened to
+        float32, which NumPy lacks).
 
         Args:
-            feed: as for `infer`.
+            feed: as for `infer_tensors`.
 
         Returns:
             Every output by name as a NumPy array.
 
         Raises:
-            InputError, RuntimeError: as for `infer`.
+            InputError, RuntimeError: as for `infer_tensors`.
         """
+        import torch
+
         widen = (torch.bfloat16, torch.float8_e4m3fn)
-        return {name: (t.float() if t.dtype in widen else t).cpu().numpy() for name, t in self.infer(feed).items()}
+        return {name: (t.float() if t.dtype in widen else t).cpu().numpy()
+                for name, t in self.infer_tensors(feed).items()}
+
+    def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Runner interface: the image batch in, every output as float32 NumPy."""
+        return {name: value.astype(np.float32, copy=False)
+                for name, value in self.infer_numpy({"images": images}).items()}
+
+
+class TensorRTBackend(Backend):
+    """A strongly typed plan of the fused graph, with one batch profile and a shared timing cache."""
+
+    name = "tensorrt"
+    install = INSTALL
+
+    def version(self) -> str | None:
+        return tensorrt_version()
+
+    def missing_message(self) -> str:
+        return f"--backend tensorrt: {NOT_INSTALLED}"
+
+    def device(self) -> tuple[str, str | None]:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return str(torch.cuda.get_device_name()), f"{major}.{minor}"
+        return super().device()
+
+    def build(self, engine_dir: Path, onnx_path: Path, profile: BatchProfile, precision: str,
+              image_size: int) -> BuildResult:
+        plan = engine_dir / f"{onnx_path.name.removesuffix('.onnx')}.plan"
+        opts = TrtBuildOptions(min_batch=profile.min, opt_batch=profile.opt, max_batch=profile.max,
+                               timing_cache=engine_dir / "timing.cache")
+        info = build_engine(onnx_path, plan, {"images": (3, image_size, image_size)}, opts)
+        return BuildResult(plan.name, info.device_name, info.compute_capability,
+                           {"inputs": info.inputs, "outputs": info.outputs, "tf32": opts.tf32})
+
+    def load(self, engine_dir: Path, manifest: Manifest, image_size: int) -> Runner:
+        return TrtRunner(engine_dir / manifest.artefact, image_size, max_batch=manifest.batch_profile["images"][2])
+
+
+BACKEND = TensorRTBackend()

@@ -173,7 +173,7 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
             torch.onnx.export(module, tuple(feed.values()), str(tmp), input_names=in_names, output_names=out_names,
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
         onnx.checker.check_model(str(tmp), full_check=True)
-        from iqe.engine.trt_lint import lint
+        from iqe.export.trt_lint import lint
 
         trt_problems = lint(onnx.load(str(tmp)))
         os.replace(tmp, path)

@@ -227,7 +227,8 @@ def train(model: IQEModel, opts: TrainOptions, out: str | Path, resume: bool = F
         if _selection_score(metrics) > best["score"]:
             best = {"score": _selection_score(metrics), "epoch": epoch + 1, "metrics": metrics}
             save_bundle(model, out, extra={"trained_with": "iqe train", "options": asdict(opts) | {"history": None},
-                                           "best_epoch": epoch + 1, "validation": metrics})
+                                           "best_epoch": epoch + 1, "validation": metrics},
+                        force=True)  # replaces this run's earlier best; `iqe train` checked --out before training
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best,
                     "history": opts.history, "torch_rng": torch.get_rng_state()}, tmp)
