@@ -130,6 +130,8 @@ def bundle_key(bundle: Path) -> str:
 
 
 def _note(message: str) -> None:
+    """One line on stderr (the rebuild command in a refusal is what happens next, so it is dropped)."""
+    message = message.removeprefix("engine refused: ").split("; run `")[0]
     print(f"iqe: {message}", file=sys.stderr, flush=True)
 
 
@@ -172,7 +174,7 @@ def ensure_engine(bundle: str | Path, backend: str, precision: str, engine_dir: 
             ExportSummary.read(engine_dir, precision)
             onnx_ok = True
         except StaleEngine as exc:
-            _note(f"re-exporting {precision} graphs in {engine_dir}: {exc}")
+            _note(f"re-exporting the {precision} graphs in {engine_dir}: {exc}")
             onnx_ok = False
         except EngineMissing:
             onnx_ok = False
@@ -183,7 +185,7 @@ def ensure_engine(bundle: str | Path, backend: str, precision: str, engine_dir: 
             export_model(load_bundle(bundle), engine_dir, precision, max_batch=max_batch, graphs=(ENGINE_GRAPH,),
                          progress=progress)
         ref.write(engine_dir)
-        build(engine_dir, backend, precision, max_batch=max_batch)
+        build(engine_dir, backend, precision)  # the batch profile spans the export's max batch
     return engine_dir
 
 

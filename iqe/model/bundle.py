@@ -34,6 +34,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROVENANCE_NAME = "provenance.json"
 BUNDLE_FILES = (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME)  # replacement order: config.json last
+DIGEST_MEMO_SIZE = 512  # files whose digests are remembered (bundles, exported graphs, engine artefacts)
 
 
 def _digest_memo() -> Path:
@@ -65,6 +66,7 @@ def cached_sha256(path: str | Path) -> str:
     digest = h.hexdigest()
     memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}  # one entry per file
     memo[key] = digest
+    memo = dict(list(memo.items())[-DIGEST_MEMO_SIZE:])  # newest last: drop the oldest
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-hash
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(memo_path, json.dumps(memo), durable=False)
