@@ -37,21 +37,8 @@ def atomic_open(path: str | Path, mode: str = "wb", *, durable: bool = True) -> 
     On an exception the temporary file is removed and `path` is untouched.
     `durable=False` skips the fsyncs (caches that may be rebuilt).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
+    with atomic_path(path, durable=durable) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:

@@ -1,1 +1,2 @@
-"""ONNX -> engines per backend (torch, onnxruntime, tensorrt), manifest and runners behind one interface."""
+"""ONNX -> engines per backend behind a registry (registry.py; torch_backend, onnxruntime_backend,
+tensorrt_backend), manifests binding engines to their bundle, and runners behind one interface."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from iqe.atomic import atomic_path
-from iqe.engine.registry import Backend, BatchProfile, BuildResult
+from iqe.engine.registry import Backend, BatchProfile, BuildResult, module_version
 from iqe.engine.runners import Runner
 from iqe.errors import InputError
 
@@ -143,11 +143,7 @@ class OrtBackend(Backend):
     install = "pip install 'iqe-engine[onnx]'"
 
     def version(self) -> str | None:
-        try:
-            import onnxruntime
-        except ImportError:
-            return None
-        return str(onnxruntime.__version__)
+        return module_version("onnxruntime")
 
     def device(self) -> tuple[str, str | None]:
         gpu = [p for p in ort_providers() if p in GPU_PROVIDERS]

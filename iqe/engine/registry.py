@@ -115,6 +115,15 @@ class Backend(ABC):
         raise InputError(f"--backend {self.name} needs an engine built from the bundle")
 
 
+def module_version(module: str) -> str | None:
+    """`module.__version__`, or None when the module cannot be imported."""
+    try:
+        imported = importlib.import_module(module)
+    except ImportError:
+        return None
+    return str(imported.__version__)
+
+
 def get_backend(name: str) -> Backend:
     """The registered backend `name` (its module imported now); InputError listing the known ones."""
     module = _MODULES.get(name)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iqe.engine.registry import Backend
+from iqe.engine.registry import Backend, module_version
 from iqe.engine.runners import Runner
 from iqe.errors import InputError
 
@@ -95,11 +95,7 @@ class TorchBackend(Backend):
     needs_engine = False
 
     def version(self) -> str | None:
-        try:
-            import torch
-        except ImportError:
-            return None
-        return str(torch.__version__)
+        return module_version("torch")
 
     def device(self) -> tuple[str, str | None]:
         import torch
