@@ -53,6 +53,14 @@ def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> P
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
+def created_mode(directory: bool = False) -> int:
+    """Permissions a file (or directory) created normally gets: 0666 (0777) less the umask.
+    mkstemp/mkdtemp make private ones; renamed into place, they must not stay private."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     """A temporary sibling path for a library that writes files itself (ONNX Runtime,
@@ -62,6 +70,9 @@ def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); the result gets the permissions of a file
+        # created normally (0666 less the umask), or keeps those of the file it replaces.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else created_mode())
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -98,8 +98,8 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
     check_bundle_target(args.out, args.force)
     model = import_reference(args.clip, args.checkpoint, args.features, args.iqm_config, args.image_size)
-    save_bundle(model, args.out, force=args.force, extra={"imported_from": {"clip": str(args.clip), "checkpoint": str(args.checkpoint),
-                                                           "features": args.features}})
+    provenance = {"clip": str(args.clip), "checkpoint": str(args.checkpoint), "features": args.features}
+    save_bundle(model, args.out, force=args.force, extra={"imported_from": provenance})
     c = model.cfg
     _print(f"wrote {args.out}: ViT width {c.vision.width} x {c.vision.layers} blocks, patch {c.vision.patch_size}, "
            f"text width {c.text.width} x {c.text.layers}, IQM {c.iqm.hidden_size}/{c.iqm.num_attention_heads}/"
@@ -109,11 +109,11 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a bundle to ONNX graphs (image encoder, text branch, head, fused), each verified."""
-    from iqe.engine.manifest import BundleRef, short
+    from iqe.engine.manifest import BundleRef, check_export_target, short
 
     require_modules(ONNX_MODULES, "iqe export")
     ref = BundleRef.of_bundle(args.bundle)
-    _check_engine_target(args.out, ref, args.force)
+    check_export_target(args.out, ref, args.force)
     from iqe.export.onnx_export import export_model
     from iqe.model.bundle import load_bundle
 
@@ -124,26 +124,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
     _print(f"wrote {len(info.graphs)} graphs to {args.out} in {info.export_seconds:.1f} s")
     return 0
-
-
-def _check_engine_target(out: Path, ref, force: bool) -> None:
-    """`iqe export --out` may be new, empty, or an engine folder of the same bundle (or of another, with --force)."""
-    from iqe.engine.manifest import BundleRef, short
-
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    entries = [p.name for p in out.iterdir()]
-    if not entries:
-        return
-    recorded = BundleRef.read(out)
-    if recorded is None and not any(n.startswith("export.") and n.endswith(".json") for n in entries):
-        raise InputError(f"--out {out}: exists and is not an engine folder (holds {', '.join(sorted(entries)[:3])}"
-                         f"{' ...' if len(entries) > 3 else ''}); nothing was written, choose a new or empty folder")
-    if recorded is not None and recorded.bundle_sha256 != ref.bundle_sha256 and not force:
-        raise InputError(f"--out {out}: holds engines of bundle {short(recorded.bundle_sha256)} ({recorded.bundle}); "
-                         f"pass --force to re-export it for bundle {short(ref.bundle_sha256)} ({ref.bundle})")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -193,12 +173,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train IQE-CLIP (frozen CLIP) on a BMAD-layout data set; writes the best epoch as a bundle."""
     import torch
 
-    from iqe.model.bundle import load_bundle
+    from iqe.model.bundle import check_bundle_target, is_bundle, load_bundle
     from iqe.model.config import load_config
     from iqe.model.iqe import IQEModel
     from iqe.model.train import TrainOptions, train
-
-    from iqe.model.bundle import check_bundle_target, is_bundle
 
     if not (args.resume and is_bundle(args.out)):  # --resume continues into the bundle this training wrote
         check_bundle_target(args.out, args.force)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from iqe.atomic import atomic_open, atomic_write_text
@@ -24,3 +26,18 @@ def test_failure_keeps_old_content(tmp_path):
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    from iqe.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        new = atomic_write_text(tmp_path / "new.json", "{}")
+        assert new.stat().st_mode & 0o777 == 0o644  # like open(..., "w"), not mkstemp's private 0600
+        (tmp_path / "kept").write_text("x")
+        os.chmod(tmp_path / "kept", 0o640)
+        atomic_write_text(tmp_path / "kept", "y")
+        assert (tmp_path / "kept").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

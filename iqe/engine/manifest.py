@@ -183,3 +183,26 @@ def check_manifest(m: Manifest, engine_dir: Path, backend: Backend, backend_vers
     reason = backend.check_manifest(m, engine_dir)
     if reason:
         raise stale(reason)
+
+
+def check_export_target(out: Path, ref: BundleRef, force: bool) -> None:
+    """`iqe export --out` may be new, empty, or an engine folder of the same bundle (of another only with --force).
+
+    Raises:
+        InputError: a file, a folder holding anything else, or another bundle's engines without `force`.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    recorded = BundleRef.read(out)
+    if recorded is None and not any(n.startswith("export.") and n.endswith(".json") for n in entries):
+        raise InputError(f"--out {out}: exists and is not an engine folder (holds {', '.join(entries[:3])}"
+                         f"{' ...' if len(entries) > 3 else ''}); nothing was written, choose a new or empty folder")
+    if recorded is not None and recorded.bundle_sha256 != ref.bundle_sha256 and not force:
+        raise InputError(f"--out {out}: holds engines of bundle {short(recorded.bundle_sha256)} ({recorded.bundle}); "
+                         f"pass --force to re-export it for bundle {short(ref.bundle_sha256)} ({ref.bundle})")

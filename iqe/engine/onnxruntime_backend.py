@@ -36,6 +36,8 @@ TRT_CACHE_DIR = "ort-trt-cache"  # TensorRT provider's engine + timing cache, in
 # optimisation disabled; "ort": ONNX Runtime's flatbuffer format (no protobuf parse, but
 # a 2 GB flatbuffer limit that ViT-L fp32 comes close to). Chosen by benchmarks/startup.py.
 ARTEFACT_FORMAT = "onnx"
+# Protobuf cannot hold more than 2 GiB: graphs near it keep their weights in `<artefact>.data`.
+EXTERNAL_DATA_ABOVE = 1_900_000_000
 
 
 def ort_providers() -> list[str]:
@@ -157,6 +159,9 @@ class OrtBackend(Backend):
         missing = [p for p in manifest.extra.get("providers", []) if p not in ort.get_available_providers()]
         if missing:
             return f"built for execution providers {missing}, which this ONNX Runtime lacks"
+        data = manifest.extra.get("artefact_data")
+        if data and not (engine_dir / data).is_file():
+            return f"{data} (the artefact's weights) is missing"
         return super().check_manifest(manifest, engine_dir)
 
     def build(self, engine_dir: Path, onnx_path: Path, profile: BatchProfile, precision: str,
@@ -179,6 +184,12 @@ class OrtBackend(Backend):
         artefact = engine_dir / f"{onnx_path.name.removesuffix('.onnx')}.optimized.{fmt}"
         opts = OrtRunner(onnx_path, image_size, providers).session_options()
         opts.add_session_config_entry("session.save_model_format", fmt.upper())
+        if fmt == "onnx" and onnx_path.stat().st_size > EXTERNAL_DATA_ABOVE:
+            # Named by its final name (the graph refers to it by name); written before the graph is renamed in.
+            extra["artefact_data"] = f"{artefact.name}.data"
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          extra["artefact_data"])
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         with atomic_path(artefact) as tmp:
             opts.optimized_model_filepath = str(tmp)
             ort.InferenceSession(str(onnx_path), opts, providers=providers)

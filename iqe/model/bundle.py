@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iqe.atomic import atomic_write_text, fsync_dir
+from iqe.atomic import atomic_write_text, created_mode, fsync_dir
 from iqe.errors import InputError, WeightsError
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ def save_bundle(model: IQEModel, out_dir: str | Path, extra: dict | None = None,
     check_bundle_target(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, created_mode(directory=True))
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # One metadata entry: safetensors stores the metadata map in arbitrary order, and

@@ -232,3 +232,23 @@ def test_onnxruntime_runs_without_importing_torch(bundles, engine_a):
     from iqe.export.graphs import HEAD_OUTPUTS
 
     assert run.stdout.strip() == f"{sorted(HEAD_OUTPUTS)} False"
+
+
+def test_large_graphs_keep_their_weights_beside_the_artefact(bundles, engine_a, images, tmp_path, monkeypatch):
+    import shutil
+
+    engine = tmp_path / "large"
+    shutil.copytree(engine_a, engine)
+    monkeypatch.setattr(onnxruntime_backend, "EXTERNAL_DATA_ABOVE", 0)  # as if the graph were near 2 GiB
+    manifest = build(engine, "onnxruntime", "fp32")
+    assert manifest.extra["artefact_data"] == "fused.fp32.optimized.onnx.data"
+    assert (engine / "fused.fp32.optimized.onnx.data").stat().st_size > (engine / "fused.fp32.optimized.onnx").stat().st_size
+    with load_runner(engine, "onnxruntime", "fp32", bundle=bundles["A"]) as runner:
+        got = runner.infer(images)["score"]
+    raw = ort.InferenceSession(str(engine / "fused.fp32.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(got, raw.run(["score"], {"images": images})[0], rtol=0, atol=1e-5)
+    (engine / "fused.fp32.optimized.onnx.data").unlink()
+    with pytest.raises(StaleEngine) as err:
+        load_runner(engine, "onnxruntime", "fp32", bundle=bundles["A"])
+    assert str(err.value) == (f"engine refused: fused.fp32.optimized.onnx.data (the artefact's weights) is missing; "
+                              f"run `iqe build {engine} --backend onnxruntime --precision fp32`")

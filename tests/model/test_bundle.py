@@ -20,12 +20,19 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_new_and_empty_targets_are_written(tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "new" / "bundle", tmp_path / "empty"):
         save_bundle(tiny_model, target, extra={"note": 1})
         assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "provenance.json"]
         assert _state_equal(load_bundle(target), tiny_model)
+    assert (tmp_path / "new" / "bundle").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary folder left
 
 
