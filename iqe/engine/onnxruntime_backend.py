@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 TRT_CACHE_DIR = "ort-trt-cache"  # TensorRT provider's engine + timing cache, inside the engine directory
-# Saved artefact format on CPU. "onnx": the optimised graph as ONNX, opened with
-# optimisation disabled; "ort": ONNX Runtime's flatbuffer format (no protobuf parse, but
-# a 2 GB flatbuffer limit that ViT-L fp32 comes close to). Chosen by benchmarks/startup.py.
+# Saved artefact format on CPU, chosen by benchmarks/startup.py (ViT-L fp32, 2-core EPYC,
+# benchmarks/results/cpu-vit-l-startup): session creation 6.2 s / 1.75 GB peak RSS for the
+# optimised ONNX opened with optimisation disabled ("onnx"), against 17.8 s / 3.67 GB for
+# ONNX Runtime's own flatbuffer format ("ort", which also has a 2 GB size limit) and
+# 11.8 s / 2.50 GB for re-optimising the exported graph at every start (the old way).
 ARTEFACT_FORMAT = "onnx"
 # Graphs above this keep their weights in `<artefact>.data` (external initializers). Needed
 # near protobuf's 2 GiB limit, and it pays before: opening ViT-L fp32 (1.7 GB) this way peaks
