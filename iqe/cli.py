@@ -355,8 +355,6 @@ def validate(args: argparse.Namespace) -> None:
             from iqe.engine.build import check_compile
 
             check_compile(args.backend)
-    if args.command == "build" and args.backend == "torch":
-        raise InputError("--backend torch runs the bundle directly; `iqe build` builds onnxruntime or tensorrt engines")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from iqe.engine.manifest import (
     check_manifest,
     iqe_version,
 )
-from iqe.engine.registry import BatchProfile, best_backend, require_backend  # noqa: F401  (best_backend: public here)
+from iqe.engine.registry import BatchProfile, best_backend, get_backend, require_backend  # noqa: F401  (best_backend: public here)
 from iqe.engine.runners import Runner
 from iqe.errors import InputError
 from iqe.model.bundle import bundle_sha256, cached_sha256
@@ -191,12 +191,7 @@ def ensure_engine(bundle: str | Path, backend: str, precision: str, engine_dir: 
 
 def check_compile(backend: str) -> None:
     """Refuse torch.compile where it does not apply (other backends) or cannot work (CPU without a C++ compiler)."""
-    if backend != "torch":
-        raise InputError(f"--compile applies to --backend torch only (torch.compile); --backend {backend} "
-                         "engines are compiled by their build")
-    from iqe.engine.torch_backend import BACKEND
-
-    BACKEND.check_compile()
+    get_backend(backend).check_compile()
 
 
 def make_runner(bundle: str | Path, backend: str, precision: str = "fp32", engine_dir: str | Path | None = None,

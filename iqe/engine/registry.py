@@ -100,19 +100,23 @@ class Backend(ABC):
             return f"built for {manifest.device} (sm {manifest.compute_capability}), this machine has {device} (sm {cc})"
         return None
 
+    def check_compile(self) -> None:
+        """Refuse --compile where torch.compile does not apply or cannot work."""
+        raise InputError(f"--compile applies to --backend torch only (torch.compile); --backend {self.name} "
+                         "engines are compiled by their build")
+
     def build(self, engine_dir: Path, onnx_path: Path, profile: BatchProfile, precision: str,
               image_size: int) -> BuildResult:
-        """Write the backend's artefact for `onnx_path` into `engine_dir`."""
-        raise InputError(f"--backend {self.name} runs the bundle directly; `iqe build` builds "
-                         f"{', '.join(n for n in BACKENDS if get_backend(n).needs_engine)} engines")
+        """Write the backend's artefact for `onnx_path` into `engine_dir` (needs_engine backends)."""
+        raise NotImplementedError(f"{self.name} builds no engines")
 
     def load(self, engine_dir: Path, manifest: Manifest, image_size: int) -> Runner:
         """Runner for the artefact `manifest` describes (the manifest is already checked)."""
-        raise InputError(f"--backend {self.name} has no engines to load")
+        raise NotImplementedError(f"{self.name} loads no engines")
 
     def bundle_runner(self, bundle: Path, precision: str, compile: bool = False) -> Runner:
         """Runner straight from a bundle (backends with needs_engine=False)."""
-        raise InputError(f"--backend {self.name} needs an engine built from the bundle")
+        raise NotImplementedError(f"{self.name} needs an engine built from the bundle")
 
 
 def module_version(module: str) -> str | None:

@@ -6,6 +6,7 @@ fail), so these run whatever is installed. Messages are compared whole.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -161,3 +162,21 @@ def test_default_batch_scores_like_an_explicit_one(png, tmp_path):
     assert _score(png, tmp_path, "--batch", "4") == 0
     a, b = (json.loads(t.splitlines()[0]) for t in (first, (tmp_path / "out" / "results.jsonl").read_text()))
     assert abs(a["score"] - b["score"]) < 1e-5
+
+
+def test_export_over_another_bundles_engines_needs_force(tmp_path, capsys):
+    import hashlib
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    other = "ab" * 32
+    (engine / "bundle.json").write_text(json.dumps({"bundle_sha256": other, "config_sha256": "c" * 64,
+                                                    "bundle": "/models/other"}))
+    (engine / "export.fp32.json").write_text("{}")
+    sha = lambda name: hashlib.sha256((DEMO / name).read_bytes()).hexdigest()  # noqa: E731
+    demo = hashlib.sha256((sha("config.json") + sha("model.safetensors")).encode()).hexdigest()
+    assert main(["export", str(DEMO), "--out", str(engine), "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"iqe export: error: --out {engine}: holds engines of bundle {other[:16]} "
+                                       f"(/models/other); pass --force to re-export it for bundle {demo[:16]} "
+                                       f"({DEMO})\n")
+    assert sorted(p.name for p in engine.iterdir()) == ["bundle.json", "export.fp32.json"]
