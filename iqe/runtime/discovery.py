@@ -21,7 +21,7 @@ from iqe.runtime.dicom import geometry, instance_number, read_dicom
 from iqe.runtime.items import FILE_ERRORS, NIFTI_SUFFIXES, Source, describe, error_source
 
 
-def discover(inputs: Iterable[str | Path]) -> list[Source]:
+def discover(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> list[Source]:
     """Expand files and folders into sources, sorted by path.
 
     Folders are scanned recursively (hidden files and folders skipped: OS metadata such
@@ -33,6 +33,7 @@ def discover(inputs: Iterable[str | Path]) -> list[Source]:
 
     Args:
         inputs: files and folders.
+        exclude: folders whose files are skipped when a folder is scanned (an output folder).
 
     Returns:
         Sources in deterministic order (by their first file path). Missing paths, empty
@@ -40,11 +41,13 @@ def discover(inputs: Iterable[str | Path]) -> list[Source]:
     """
     sources: list[Source] = []
     candidates: list[Path] = []
+    skipped = [Path(x).resolve() for x in exclude]
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*")
-                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                           and not any(f.resolve().is_relative_to(x) for x in skipped))
             if not found:
                 sources.append(error_source(p, f"{p}: empty folder (no files to read)"))
             candidates.extend(found)
