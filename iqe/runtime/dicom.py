@@ -403,17 +403,21 @@ def _not_decodable(ds: Dataset) -> str | None:
     except NotImplementedError:
         return f"unsupported transfer syntax {ts.name} ({ts}): pydicom has no decoder for it"
     if not decoder.is_available:
-        return (f"unsupported transfer syntax {ts.name} ({ts}): no decoder installed; "
-                f"install iqe-engine[dicom-codecs]")
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        return (f"unsupported transfer syntax {ts.name} ({ts}): no decoder installed ({missing}); "
+                f"reinstall iqe-engine, whose default dependencies include pylibjpeg and its plugins")
     return None
 
 
 def _codec_hint(ds: Dataset) -> str:
-    """The near miss when an installed decoder failed: the optional codecs may decode it (e.g. 12-bit JPEG)."""
-    ts = ds.file_meta.TransferSyntaxUID
-    if ts.is_compressed and any(dep.startswith("pylibjpeg") for dep in get_decoder(ts).missing_dependencies):
-        return "; other decoders: install iqe-engine[dicom-codecs]"
-    return ""
+    """The near miss when an installed decoder failed: a missing pylibjpeg plugin may decode it (e.g. 12-bit JPEG)."""
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+        missing = [d for d in get_decoder(ts).missing_dependencies if d.startswith("pylibjpeg")] \
+            if ts.is_compressed else []
+    except (NotImplementedError, AttributeError, ValueError):
+        return ""
+    return f"; other decoders: {'; '.join(missing)} (default dependencies of iqe-engine)" if missing else ""
 
 
 def _frame_count(ds: Dataset) -> int:
