@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.pixels import get_decoder
 from pydicom.uid import MPEG2MPML, generate_uid
 
 from iqe.errors import InputError
@@ -224,20 +223,6 @@ def test_data_set_without_file_meta_is_read(tmp_path, implicit_vr):
     item = one(path)
     assert item.error is None, item.error
     assert item.image.tobytes() == one(get_testdata_file("CT_small.dcm")).image.tobytes()
-
-
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"])
-def test_lossless_compressed_equals_uncompressed_or_names_the_codec(name):
-    path = get_testdata_file(name)
-    ts = pydicom.dcmread(path).file_meta.TransferSyntaxUID
-    item = one(path)
-    if get_decoder(ts).is_available:
-        assert item.error is None, item.error
-        assert item.image.tobytes() == one(get_testdata_file("MR_small.dcm")).image.tobytes()
-    else:
-        assert item.image is None
-        assert item.error.startswith(f"{path}: unsupported transfer syntax {ts.name} ({ts})")
-        assert "install iqe-engine[dicom-codecs]" in item.error
 
 
 def test_transfer_syntax_without_any_decoder(tmp_path):
