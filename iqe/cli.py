@@ -104,6 +104,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_dicom_warnings() -> None:
+    """Damaged headers make pydicom warn per value; each item's own error line says what matters."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score images, DICOM files/series and NIfTI volumes; results.jsonl streamed per batch (+ maps, overlays, volumes)."""
     from iqe.engine.build import make_runner
@@ -112,6 +121,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+    _quiet_dicom_warnings()
     # The output folder is checked (and a resume matched to its record) before any engine or inference.
     options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()),
                "backend": args.backend, "precision": args.precision, "window": sorted(args.window or []),

@@ -228,6 +228,11 @@ def iter_dicom_file(source: Source, path: Path, first_index: int | None, size: i
     except FILE_ERRORS as exc:
         yield SliceItem(key, source.name, index, error=f"{label}: cannot read DICOM file ({describe(exc)})", file=file)
         return
+    if reason is None:
+        try:
+            reason = _implausible_size(ds, frames)
+        except FILE_ERRORS as exc:
+            reason = f"cannot read the image size ({describe(exc)})"
     if reason is not None:
         yield SliceItem(key, source.name, index, error=f"{label}: {reason}", meta=meta, file=file)
         return
@@ -277,8 +282,17 @@ class _FrameReader:
 
         Raises:
             ValueError: the decoded frame has another shape (a malformed header).
+            RuntimeError: the decoder crashed.
+            Any of `FILE_ERRORS`: pydicom could not decode it.
         """
-        pixels = decode_frame(self.ds, index=frame if self.frames > 1 else None)
+        try:
+            pixels = decode_frame(self.ds, index=frame if self.frames > 1 else None)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except FILE_ERRORS:
+            raise
+        except BaseException as exc:  # noqa: BLE001  a native decoder crashed (e.g. a Rust panic): this frame fails
+            raise RuntimeError(f"decoder crashed: {describe(exc)}") from None
         if pixels.ndim == 3 and pixels.shape[2] == 1:
             pixels = pixels[..., 0]
         colour = not self.photometric.startswith("MONOCHROME") and self.photometric != "PALETTE COLOR"
@@ -426,6 +440,37 @@ def _frame_count(ds: Dataset) -> int:
     except (TypeError, ValueError):
         return 1
 
+
+MAX_FRAME_PIXELS = 2 ** 28  # larger frames are refused: no scanner writes them, a damaged header does
+
+
+def _implausible_size(ds: Dataset, frames: int) -> str | None:
+    """Why the header's size cannot be right for the pixel data it carries, or None.
+
+    Checked before decoding, so a damaged header (huge Rows, NumberOfFrames) ends in one
+    clear error instead of a giant allocation or millions of failing frames.
+    """
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+    except FILE_ERRORS:
+        return "Rows, Columns, SamplesPerPixel or BitsAllocated is not a number"
+    if rows < 1 or columns < 1 or samples < 1:
+        return f"image size {rows} x {columns} x {samples} samples is empty"
+    if rows * columns * samples > MAX_FRAME_PIXELS:
+        return f"image size {rows} x {columns} x {samples} samples is implausibly large (damaged header?)"
+    data = next((ds[k] for k in _PIXEL_DATA if k in ds), None)
+    size = len(data.value or b"") if data is not None else 0
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        if frames > max(1, size // 8):  # every frame needs at least one fragment with its 8-byte item header
+            return f"NumberOfFrames {frames} cannot fit in {size} bytes of compressed pixel data"
+        return None
+    needed = (rows * columns * samples * max(bits, 1) * frames + 7) // 8
+    if data is not None and data.keyword == "PixelData" and needed > size + 1:  # +1: odd lengths are padded
+        return (f"pixel data holds {size} bytes, {frames} frame(s) of {rows} x {columns} x {samples} samples "
+                f"at {bits} bits need {needed}; file truncated?")
+    return None
 
 
 def _first(value: Any) -> Any:

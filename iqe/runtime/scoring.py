@@ -116,7 +116,8 @@ def result_for(item: SliceItem, number: int | None = None) -> ItemResult:
         extra["slice"] = item.index
     extra.update({k: item.meta[k] for k in _META_FIELDS if k in item.meta})
     flags = ["empty"] if item.image is not None and is_empty_image(item.image) else []
-    return ItemResult(path=item.key, error=item.error, extra=extra, file=item.file, number=number, flags=flags)
+    error = " ".join(item.error.split()) if item.error is not None else None  # one line, whatever a header held
+    return ItemResult(path=item.key, error=error, extra=extra, file=item.file, number=number, flags=flags)
 
 
 class Timings:

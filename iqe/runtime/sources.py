@@ -78,7 +78,10 @@ def _guarded(source: Source, items: Iterator[SliceItem]) -> Iterator[SliceItem]:
         for item in items:
             yielded += 1
             yield item
-    except Exception as exc:  # noqa: BLE001  a reader bug on a hostile file must not cost other files
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001  a reader or decoder bug on a hostile file must not cost other files
+        # BaseException: native decoders surface crashes as such (pyo3's PanicException is not an Exception)
         key = str(source.path) if yielded == 0 else f"{source.name}#after-{yielded}"
         yield SliceItem(key, source.name, None, file=str(source.path),
                         error=f"{source.name}: cannot read ({describe(exc)}); {yielded} item(s) of it read before")
