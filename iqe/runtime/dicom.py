@@ -342,8 +342,8 @@ def _display(pixels: np.ndarray, header: Dataset, reader: _FrameReader, frame: i
     if full is not None:
         return to_model_input(values, range_window(*full), "8-bit full range", photometric, size,
                               function="LINEAR_EXACT")
-    window, source = fallback_window(modality)
-    return to_model_input(values, window, source, photometric, size)
+    default, source = fallback_window(modality)
+    return to_model_input(values, default, source, photometric, size)
 
 
 def _file_window(header: Dataset) -> tuple[Window, str] | None:

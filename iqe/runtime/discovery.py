@@ -11,9 +11,9 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from pydicom.dataset import Dataset
 
 from iqe.errors import InputError
 from iqe.model.preprocess import IMAGE_SUFFIXES
@@ -57,7 +57,7 @@ def discover(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -
             sources.append(error_source(p, f"{p}: no such file or folder"))
 
     seen: set[Path] = set()
-    series: dict[str, list[tuple[Path, Dataset, str]]] = {}
+    series: dict[str, list[_Member]] = {}
     for f in candidates:
         if (resolved := f.resolve()) in seen:
             continue
@@ -71,6 +71,7 @@ def discover(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -
                 header = read_dicom(f, header_only=True)
                 uid = str(header.get("SeriesInstanceUID", "") or "")
                 sop = str(header.get("SOPInstanceUID", "") or "")
+                member = _Member(f, sop, geometry(header), instance_number(header))  # the header is not kept
             except InputError as exc:
                 sources.append(error_source(f, str(exc)))
                 continue
@@ -78,7 +79,7 @@ def discover(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -
                 sources.append(error_source(f, f"{f}: cannot read DICOM header ({describe(exc)})"))
                 continue
             if uid:
-                series.setdefault(uid, []).append((f, header, sop))
+                series.setdefault(uid, []).append(member)
             else:
                 sources.append(Source("dicom", f, (f,)))
     for uid, members in series.items():
@@ -86,20 +87,30 @@ def discover(inputs: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -
     return sorted(sources, key=lambda s: (min(str(f) for f in s.files) if s.files else str(s.path), s.kind))
 
 
-def _series_sources(uid: str, members: list[tuple[Path, Dataset, str]]) -> list[Source]:
-    """One series group (path, header, SOPInstanceUID) -> its source (plus error sources for duplicates)."""
+class _Member(NamedTuple):
+    """What grouping and ordering need of one DICOM file of a series."""
+
+    path: Path
+    sop: str  # SOPInstanceUID
+    placement: tuple[np.ndarray, np.ndarray] | None  # (ImagePositionPatient, slice normal)
+    number: int | None  # InstanceNumber
+
+
+def _series_sources(uid: str, members: list[_Member]) -> list[Source]:
+    """One series group -> its source (plus error sources for duplicated instances)."""
     out: list[Source] = []
-    unique: list[tuple[Path, Dataset]] = []
+    unique: list[_Member] = []
     first_of: dict[str, Path] = {}
-    for f, header, sop in sorted(members, key=lambda m: str(m[0])):
+    for member in sorted(members, key=lambda m: str(m.path)):
+        f, sop = member.path, member.sop
         if sop and sop in first_of:
             # Two copies of one instance would put two slices at one position.
             out.append(error_source(f, f"{f} (series {uid}): skipped, same SOPInstanceUID as {first_of[sop]}"))
             continue
         first_of[sop] = f
-        unique.append((f, header))
+        unique.append(member)
     if len(unique) == 1:
-        out.append(Source("dicom", unique[0][0], (unique[0][0],), series_uid=uid))
+        out.append(Source("dicom", unique[0].path, (unique[0].path,), series_uid=uid))
         return out
     files, ordered_by = _order_slices(unique)
     try:
@@ -110,22 +121,20 @@ def _series_sources(uid: str, members: list[tuple[Path, Dataset, str]]) -> list[
     return out
 
 
-def _order_slices(members: list[tuple[Path, Dataset]]) -> tuple[tuple[Path, ...], str]:
+def _order_slices(members: list[_Member]) -> tuple[tuple[Path, ...], str]:
     """Volume order: ImagePositionPatient projected on the slice normal, else InstanceNumber.
 
     The normal is that of the first file (by path), so oblique and sagittal stacks sort
     along their own axis, not along z. Ties fall back to InstanceNumber, then path.
     """
-    placements = [geometry(h) for _, h in members]
-    numbers = [instance_number(h) for _, h in members]
-    placed = [g for g in placements if g is not None]
+    placed = [m.placement for m in members if m.placement is not None]
     if len(placed) == len(members):
         normal = placed[0][1]
-        keys = [(float(np.dot(position, normal)), n if n is not None else math.inf, str(f))
-                for (f, _), (position, _), n in zip(members, placed, numbers)]
+        keys = [(float(np.dot(position, normal)), m.number if m.number is not None else math.inf, str(m.path))
+                for m, (position, _) in zip(members, placed)]
         ordered_by = "ImagePositionPatient"
     else:
-        keys = [(n if n is not None else math.inf, 0.0, str(f)) for (f, _), n in zip(members, numbers)]
+        keys = [(m.number if m.number is not None else math.inf, 0.0, str(m.path)) for m in members]
         ordered_by = "InstanceNumber"
     order = sorted(range(len(members)), key=lambda i: keys[i])
-    return tuple(members[i][0] for i in order), ordered_by
+    return tuple(members[i].path for i in order), ordered_by
