@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "input (keeps maps/ too)")
     p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
                    help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
-                        "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")
+                        "Default: the file's VOI window, else an 8-bit image's full range, else CT 40/400, "
+                        "else the 0.5-99.5 percentile range")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=os.environ.get("IQE_BACKEND", "torch"),
                    help="inference backend (env IQE_BACKEND)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
