@@ -136,34 +136,47 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    """Score images, DICOM files/series and NIfTI volumes; write results.jsonl (+ maps.npz with --save-maps)."""
-    from iqe.engine.build import make_runner
-    from iqe.runtime.results import write_results
-    from iqe.runtime.scoring import score_inputs
+def _quiet_dicom_warnings() -> None:
+    """Damaged headers make pydicom warn per value; each item's own error line says what matters."""
+    import logging
+    import warnings
 
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score images, DICOM files/series and NIfTI volumes; results.jsonl streamed per batch (+ maps, overlays, volumes)."""
+    from iqe.engine.build import make_runner
+    from iqe.runtime.results import RESULTS, RunOutput
+    from iqe.runtime.run import score_to_folder
+
+    if args.model is None:
+        raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+    _quiet_dicom_warnings()
+    # The output folder is checked (and a resume matched to its record) before any engine or inference.
+    options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()),
+               "backend": args.backend, "precision": args.precision, "window": sorted(args.window or []),
+               "save_maps": args.save_maps, "overlays": args.overlays, "volumes": args.volumes}
+    output = RunOutput(args.out, options, resume=args.resume, save_maps=args.save_maps or args.volumes,
+                       overlays=args.overlays)
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
                          compile=args.compile)
     with runner:
         batch = args.batch or runner.preferred_batch()
-        results = score_inputs(args.inputs, runner.infer, runner.image_size, batch,
-                               keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
-                               windows=dict(args.window or []), progress=not args.quiet)
-    written = write_results(args.out, results, args.save_maps)
-    from iqe.runtime.volumes import write_series_outputs
-
-    for line in write_series_outputs(args.inputs, results, args.out, volumes=args.volumes):
+        report = score_to_folder(args.inputs, runner.infer, runner.image_size, output, batch_size=batch,
+                                 windows=dict(args.window or []), volumes=args.volumes, progress=not args.quiet)
+    for line in report.lines:
         _print(line)
-    if args.overlays:
-        from iqe.runtime.overlay import save_overlays
-
-        n = len(save_overlays(results, args.out / "overlays"))
-        _print(f"wrote {n} heatmap overlays to {args.out / 'overlays'}")
-    failed = [r for r in results if r.error]
-    for r in failed:
-        _print(f"error: {r.error}")
-    _print(f"scored {len(results) - len(failed)} of {len(results)} inputs -> {written['results']}")
-    if len(failed) == len(results):
+    if args.quiet:
+        for error in report.errors:
+            _print(f"error: {error}")
+    resumed = f" (+{report.resumed} from the earlier run)" if report.resumed else ""
+    _print(f"scored {report.scored} of {report.scored + report.failed} items{resumed} -> {args.out / RESULTS}")
+    if report.interrupted is not None:
+        _print(f"interrupted: {args.out / RESULTS} holds every finished item; rerun with --resume to go on")
+        return 128 + report.interrupted
+    if report.scored + report.resumed == 0:
         _print("nothing could be scored")
         return 2
     return 0
@@ -263,17 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+",
                    help="PNG/JPEG/TIFF files, DICOM files, folders (DICOM series are grouped by SeriesInstanceUID), NIfTI")
     p.add_argument("--model", type=_existing, default=None, help="bundle directory (env IQE_MODEL)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--save-maps", action="store_true", help="also write maps.npz (map, map_smooth)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: new, empty, or one an earlier `iqe score` wrote (its recorded files are replaced)")
+    p.add_argument("--save-maps", action="store_true", help="also write maps/NNNNNN.npz per item (map, map_smooth)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted run in --out (same inputs and options): finished items are skipped")
     p.add_argument("--batch", type=_positive, default=None,
                    help="images per inference call (env IQE_BATCH; default: the backend's measured best on this "
                         "device: 1 on CPU, 8 on GPU)")
     p.add_argument("--overlays", action="store_true", help="write a heatmap overlay PNG per scored image/slice")
     p.add_argument("--volumes", action="store_true",
-                   help="write a NIfTI anomaly volume (map_smooth in the input's geometry) per DICOM series / NIfTI input")
+                   help="write a NIfTI anomaly volume (map_smooth in the input's geometry) per DICOM series / NIfTI "
+                        "input (keeps maps/ too)")
     p.add_argument("--window", type=_window, action="append", default=None, metavar="MODALITY=C,W",
                    help="intensity window override, e.g. CT=40,400 (repeatable; C,W alone: every modality). "
-                        "Default: the file's VOI window, else CT 40/400, else the 0.5-99.5 percentile range")
+                        "Default: the file's VOI window, else an 8-bit image's full range, else CT 40/400, "
+                        "else the 0.5-99.5 percentile range")
     p.add_argument("--backend", type=backend_name, default=None, metavar="{torch,onnxruntime,tensorrt}",
                    help="inference backend (env IQE_BACKEND; default torch)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")

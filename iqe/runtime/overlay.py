@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from iqe.atomic import atomic_open
+
 # Anchor colours of a perceptually ordered dark-to-bright map (inferno-like), interpolated.
 _ANCHORS = np.array(
     [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]],
@@ -25,7 +27,11 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, vmin: float = 0.0, vmax: float = 1.0,
                  opacity: float = 0.45) -> Path:
-    """Blend `heatmap` (scaled from [vmin, vmax] to [0, 1]) over `image` and save a PNG.
+    """Blend `heatmap` (scaled from [vmin, vmax] to [0, 1]) over `image` and save a PNG (atomically).
+
+    `iqe score` keeps the default range: maps are anomaly probabilities in [0, 1], so one
+    fixed scale makes colours compare across images, series and runs, and each overlay
+    is written as soon as its item is scored (nothing held for a study-wide range).
 
     Args:
         image: model input [3, S, S] or [S, S] in [0, 1].
@@ -40,24 +46,13 @@ def save_overlay(image: np.ndarray, heatmap: np.ndarray, path: str | Path, vmin:
     blend = (1 - opacity) * base + opacity * colorize(scaled).astype(np.float32)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(path)
+    with atomic_open(path, durable=False) as fh:
+        Image.fromarray(blend.clip(0, 255).astype(np.uint8)).save(fh, format="PNG")
     return path
 
 
-def save_overlays(results, folder: str | Path) -> list[Path]:
-    """One overlay per scored result (needs `image` and `map_smooth` kept), one colour range for all.
-
-    File names: running number + the item's key made filesystem-safe, so slices of a
-    series sort in order.
-    """
-    scored = [r for r in results if r.error is None and r.image is not None and r.map_smooth is not None]
-    if not scored:
-        return []
-    lo = min(float(r.map_smooth.min()) for r in scored)
-    hi = max(float(r.map_smooth.max()) for r in scored)
-    paths = []
-    for i, r in enumerate(scored):
-        base = re.sub(r"\.(png|jpe?g|bmp|tiff?|dcm|nii(\.gz)?)$", "", r.path.rsplit("/", 1)[-1], flags=re.I)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
-        paths.append(save_overlay(r.image, r.map_smooth, Path(folder) / f"{i:05d}_{stem[-80:]}.png", lo, hi))
-    return paths
+def overlay_name(number: int, key: str) -> str:
+    """File name of an item's overlay: running number (so slices of a series sort in order) + its key made safe."""
+    base = re.sub(r"\.(png|jpe?g|bmp|tiff?|dcm|nii(\.gz)?)$", "", key.rsplit("/", 1)[-1], flags=re.I)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+    return f"{number:05d}_{stem[-80:]}.png"

@@ -13,13 +13,14 @@ same way: an 8-bit display image, then the exact PIL path of `iqe.model.preproce
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, ScaleIntensityRange, Transform
-from monai.utils import TransformBackends, convert_to_numpy
+from monai.transforms import MapTransform, Transform
+from monai.utils import TransformBackends
 from PIL import Image
 
 from iqe.model.preprocess import pil_to_tensor_array
@@ -29,29 +30,73 @@ Window = tuple[float, float]  # (center, width), in the units of the array it is
 DEFAULT_PERCENTILES = (0.5, 99.5)  # robust min-max: ignores the brightest/darkest 0.5 % of pixels
 
 
-class ScaleToUint8(Transform):
-    """Map intensities to 8-bit display values through a window, rounding to nearest.
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # DICOM (0028,1056) VOI LUT Function values
 
-    With a window ``(center, width)`` the range ``[center - width/2, center + width/2]``
-    maps linearly onto ``0..255`` and values outside it are clipped. Without one, the
-    window is the ``percentiles`` range of the image itself (``(0, 100)`` is plain
-    min-max). A degenerate window (width <= 0, e.g. a constant image) gives black, and NaN
-    pixels are black: neither carries contrast the model could use.
+
+def range_window(lo: float, hi: float) -> Window:
+    """The ``LINEAR_EXACT`` window that maps ``lo`` to 0 and ``hi`` to 255 exactly (a plain range)."""
+    return (lo + hi) / 2, hi - lo
+
+
+def voi_to_uint8(values: np.ndarray, window: Window, function: str = "LINEAR") -> np.ndarray:
+    """The one intensity formula: a DICOM VOI window (PS3.3 C.11.2.1.2) onto 0..255, rounded to nearest.
+
+    Every path that turns intensities into display values comes here: the file's window,
+    ``--window``, the CT default, percentile and min-max ranges, so one centre/width gives
+    the same grey levels wherever it came from. The window function itself is highdicom's
+    `apply_voi_window` (the one highdicom applies to DICOM frames). ``LINEAR`` (a DICOM
+    window: ``[c - w/2, c + w/2 - 1]`` onto the output) needs ``w > 1``; narrower windows
+    use ``LINEAR_EXACT`` (``[c - w/2, c + w/2]``), as do plain ranges (`range_window`).
+    A width <= 0 (a constant image) gives black, and NaN pixels are black.
+
+    Args:
+        values: intensities, any shape and real dtype.
+        window: ``(center, width)`` in the units of `values`.
+        function: ``LINEAR``, ``LINEAR_EXACT`` or ``SIGMOID``; anything else is ``LINEAR``.
+
+    Returns:
+        uint8 array of the shape of `values`.
+    """
+    from highdicom.pixels import apply_voi_window  # lazy: keeps `import iqe.runtime` light
+
+    center, width = float(window[0]), float(window[1])
+    values = np.asarray(values, dtype=np.float64)
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    function = function if function in VOI_FUNCTIONS else "LINEAR"
+    if function == "LINEAR" and width <= 1:
+        function = "LINEAR_EXACT"
+    finite = np.nan_to_num(values, nan=center - width, posinf=center + width, neginf=center - width)
+    with np.errstate(over="ignore"):  # SIGMOID far from the centre: exp overflows to inf, the limit is right
+        display = apply_voi_window(finite, window_center=center, window_width=width, voi_lut_function=function,
+                                   output_range=(0.0, 255.0), dtype=np.float64)
+    return np.rint(np.clip(display, 0.0, 255.0)).astype(np.uint8)
+
+
+class ScaleToUint8(Transform):
+    """Map intensities to 8-bit display values through a window (`voi_to_uint8`).
+
+    With a window ``(center, width)`` the DICOM window function `function` (default
+    ``LINEAR``, the DICOM formula) maps it onto ``0..255``. Without one, the window is
+    the ``percentiles`` range of the image itself (``(0, 100)`` is plain min-max), applied
+    as a plain range (``LINEAR_EXACT``: the lower percentile -> 0, the upper -> 255).
 
     Layout: any shape (HxW, HxWxC, a volume); the window is one for the whole array.
-    Backends: NumPy in, NumPy out; the math runs in float64 through MONAI's
-    `ScaleIntensityRange`.
+    Backends: NumPy in, NumPy out (float64 math).
 
     Args:
         window: fixed ``(center, width)``; None derives it from the percentiles.
         percentiles: ``(lower, upper)`` in percent, used when no window is given.
+        function: VOI LUT function of a given window.
     """
 
     backend = [TransformBackends.NUMPY]
 
-    def __init__(self, window: Window | None = None, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> None:
+    def __init__(self, window: Window | None = None, percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+                 function: str = "LINEAR") -> None:
         self.window = window
         self.percentiles = percentiles
+        self.function = function
 
     def window_for(self, img: np.ndarray, window: Window | None = None) -> Window:
         """The ``(center, width)`` that `__call__` applies to `img`.
@@ -71,34 +116,36 @@ class ScaleToUint8(Transform):
         if finite.size == 0:
             return 0.0, 0.0
         lo, hi = np.percentile(finite, self.percentiles)
-        return float(lo + hi) / 2, float(hi - lo)
+        return range_window(float(lo), float(hi))
 
-    def __call__(self, img: np.ndarray, window: Window | None = None) -> np.ndarray:
+    def function_for(self, window: Window | None = None, function: str | None = None) -> str:
+        """The VOI function `__call__` uses: `function`, else the instance's for a window, else LINEAR_EXACT."""
+        if window is None and self.window is None:
+            return "LINEAR_EXACT"
+        return function or self.function
+
+    def __call__(self, img: np.ndarray, window: Window | None = None, function: str | None = None) -> np.ndarray:
         """Scale `img` to uint8.
 
         Args:
             img: intensities, any real dtype.
             window: per-call ``(center, width)``, overriding the instance's.
+            function: per-call VOI LUT function for that window.
 
         Returns:
             uint8 array of the same shape.
         """
-        center, width = self.window_for(img, window)
-        values = np.asarray(img, dtype=np.float64)
-        if width <= 0:
-            return np.zeros(values.shape, dtype=np.uint8)
-        lo = center - width / 2
-        scaled = ScaleIntensityRange(a_min=lo, a_max=lo + width, b_min=0.0, b_max=255.0, clip=True,
-                                     dtype=np.float64)(np.nan_to_num(values, nan=lo))
-        return np.rint(convert_to_numpy(scaled)).astype(np.uint8)
+        return voi_to_uint8(img, self.window_for(img, window), self.function_for(window, function))
 
 
 class ScaleToUint8d(MapTransform):
     """Dictionary twin of `ScaleToUint8`.
 
     For each key, ``data[f"{key}_{window_postfix}"]`` (when present and not None) is that
-    item's window, taking precedence over the instance's; after the call it holds the
-    ``(center, width)`` actually applied, so readers can report it.
+    item's window and ``data[f"{key}_{window_postfix}_function"]`` its VOI function, taking
+    precedence over the instance's; after the call the window entry holds the
+    ``(center, width)`` actually applied and the function entry its function, so readers
+    can report them.
 
     Args:
         keys: keys of the arrays to scale.
@@ -121,9 +168,12 @@ class ScaleToUint8d(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             window_key = f"{key}_{self.window_postfix}"
-            applied = self.scaler.window_for(d[key], d.get(window_key))
-            d[key] = self.scaler(d[key], applied)
+            given = d.get(window_key)
+            applied = self.scaler.window_for(d[key], given)
+            function = self.scaler.function_for(given, d.get(f"{window_key}_function"))
+            d[key] = voi_to_uint8(d[key], applied, function)
             d[window_key] = applied
+            d[f"{window_key}_function"] = function
         return d
 
 

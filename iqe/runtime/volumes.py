@@ -34,6 +34,8 @@ from nibabel.filebasedimages import ImageFileError
 from scipy import ndimage
 
 from iqe.errors import InputError
+from iqe.atomic import atomic_write_text
+from iqe.runtime.results import RunOutput, read_maps, read_results
 from iqe.runtime.sources import NIFTI_SUFFIXES, Source, nifti_display_ornt, read_series_volume
 
 _NIFTI_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError)  # what nib.load raises on a bad file
@@ -221,42 +223,49 @@ def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
                         grid_mode=True)
 
 
-def write_series_outputs(inputs: list, results: list, out_dir: str | Path, volumes: bool = False) -> list[str]:
+def write_series_outputs(inputs: list, output: RunOutput, volumes: bool = False) -> list[str]:
     """`series.jsonl` (one summary per volume, see `aggregate_series`) and, with `volumes`,
-    a NIfTI anomaly volume per DICOM series / NIfTI input under `out_dir/volumes/`.
+    a NIfTI anomaly volume per DICOM series / NIfTI input under ``volumes/``.
+
+    Works from what the run wrote (results.jsonl rows, ``maps/`` files), so it also
+    covers items finished by an earlier, interrupted run (``--resume``). Each file is
+    recorded in the run record before it is written.
 
     Args:
         inputs: the scored arguments (re-discovered here: headers only).
-        results: `ItemResult`s of `score_inputs`, with `map_smooth` kept when `volumes`.
-        out_dir: the run's output directory.
+        output: the run's open `RunOutput` (maps saved when `volumes`).
+        volumes: also write the anomaly volumes.
     Returns:
         Log lines for the user (summaries, files written, per-volume errors).
     """
     from iqe.runtime.scoring import discover_in_order
 
-    out_dir = Path(out_dir)
-    summaries = aggregate_series([r.to_json() for r in results])
+    rows = read_results(output.out)
+    try:
+        summaries = aggregate_series(rows)
+    except InputError as exc:
+        return [f"error: no series summary ({exc})"]
     if not summaries:
         return []
-    tmp = out_dir / ".series.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in summaries))
-    os.replace(tmp, out_dir / "series.jsonl")
+    atomic_write_text(output.claim("series.jsonl"), "".join(json.dumps(s) + "\n" for s in summaries))
     lines = [f"{s['series']}: score {s['score']:.4f} at slice {s['argmax_slice']} of {s['slices']}"
              if s["score"] is not None else f"{s['series']}: nothing scored" for s in summaries]
     if not volumes:
         return lines
-    by_series: dict[str, dict[int, np.ndarray]] = {}
-    for r in results:
-        if r.error is None and r.map_smooth is not None and "series" in r.extra:
-            by_series.setdefault(r.extra["series"], {})[r.extra["slice"]] = r.map_smooth
+    by_series: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("error") is None and row.get("maps") and "series" in row:
+            by_series.setdefault(row["series"], {})[row["slice"]] = row
     sources = [s for s in discover_in_order(inputs) if s.kind in ("dicom_series", "nifti")]
     for i, source in enumerate(sources):
-        maps = by_series.get(source.name)
-        if not maps:
+        slice_rows = by_series.get(source.name)
+        if not slice_rows:
             continue
         stem = source.series_uid or re.sub(r"\.nii(\.gz)?$", "", source.path.name)
         try:
-            lines.append(f"wrote {write_anomaly_volume(source, maps, out_dir / 'volumes' / f'anomaly_{i:03d}_{stem}.nii.gz')}")
-        except InputError as exc:
+            maps = {k: m[1] for k, row in slice_rows.items() if (m := read_maps(output.out, row)) is not None}
+            name = f"volumes/anomaly_{i:03d}_{stem}.nii.gz"
+            lines.append(f"wrote {write_anomaly_volume(source, maps, output.claim(name))}")
+        except (InputError, OSError, ValueError) as exc:
             lines.append(f"error: {source.name}: no anomaly volume ({exc})")
     return lines

@@ -67,9 +67,14 @@ def test_mixed_medical_batch(tiny_model, tmp_path):
     direct = tiny_model.score(torch.from_numpy(ct.image[None]))
     ct_row = next(r for r in scored if r["path"].endswith("CT_small.dcm"))
     assert ct_row["score"] == pytest.approx(float(direct["score"][0]), abs=1e-5)
-    maps = np.load(out / "maps.npz")
-    assert len(maps["paths"]) == len(scored) and len(maps["failed"]) == len(errors)
-    assert len(list((out / "overlays").glob("*.png"))) == len(scored)
+    # per-item files, named by the rows; every row names the file it came from
+    assert sorted(out.joinpath("maps").iterdir()) == sorted(out / r["maps"] for r in scored)
+    assert sorted(out.joinpath("overlays").iterdir()) == sorted(out / r["overlay"] for r in scored)
+    with np.load(out / ct_row["maps"]) as m:
+        np.testing.assert_allclose(m["map_smooth"], direct["map_smooth"][0], atol=1e-5)
+    assert all(r["file"] == str(odd / "rtdose.dcm") for r in rows if "rtdose.dcm#" in r["path"])
+    series_files = [r["file"] for r in series_rows]
+    assert len(set(series_files)) == 5 and all(f.startswith(str(tmp_path / "series")) for f in series_files)
 
     # per-volume aggregation and anomaly volumes in the input geometry
     summaries = {json.loads(l)["series"]: json.loads(l) for l in (out / "series.jsonl").read_text().splitlines()}

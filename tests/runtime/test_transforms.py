@@ -18,12 +18,18 @@ from iqe.runtime.transforms import (
 )
 
 
-def test_scale_window_is_linear_and_clipped():
-    # Window 50/100 spans 0..100: value v -> 2.55 v, clipped, rounded to nearest (half to even).
-    values = np.array([-10.0, 0.0, 25.0, 50.0, 100.0, 150.0])
+def test_scale_window_is_the_dicom_linear_formula():
+    # PS3.3 C.11.2.1.2.1: window 50/100 maps 0..99 onto 0..255: v -> 255 v / 99, clipped, rounded.
+    values = np.array([-10.0, 0.0, 25.0, 50.0, 99.0, 100.0, 150.0])
     out = ScaleToUint8(window=(50.0, 100.0))(values)
     assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, [0, 0, 64, 128, 255, 255])
+    np.testing.assert_array_equal(out, [0, 0, 64, 129, 255, 255, 255])  # 25*255/99 = 64.4, 50*255/99 = 128.8
+
+
+def test_full_range_window_of_8_bits_is_the_identity():
+    values = np.arange(256, dtype=np.float64)
+    np.testing.assert_array_equal(ScaleToUint8(window=(127.5, 255.0), function="LINEAR_EXACT")(values), values)
+    np.testing.assert_array_equal(ScaleToUint8(window=(128.0, 256.0))(values), values)  # DICOM's 8-bit full window
 
 
 def test_scale_percentiles_default_to_robust_min_max():
@@ -42,12 +48,13 @@ def test_scale_degenerate_and_nan_give_black():
 
 def test_scale_dict_uses_item_window_and_records_it():
     t = ScaleToUint8d("image", window=(0.0, 2.0))
-    out = t({"image": np.array([0.0, 50.0, 100.0]), "image_window": (50.0, 100.0)})
-    np.testing.assert_array_equal(out["image"], [0, 128, 255])
-    assert out["image_window"] == (50.0, 100.0)
-    out = t({"image": np.array([-1.0, 0.0, 1.0])})  # no item window: the instance's
-    np.testing.assert_array_equal(out["image"], [0, 128, 255])
-    assert out["image_window"] == (0.0, 2.0)
+    out = t({"image": np.array([0.0, 60.0, 100.0]), "image_window": (50.0, 100.0),
+             "image_window_function": "LINEAR_EXACT"})
+    np.testing.assert_array_equal(out["image"], [0, 153, 255])  # LINEAR_EXACT: 0..100 -> 0..255
+    assert out["image_window"] == (50.0, 100.0) and out["image_window_function"] == "LINEAR_EXACT"
+    out = t({"image": np.array([-1.0, 0.0, 1.0])})  # no item window: the instance's (LINEAR 0/2: -1..0 -> 0..255)
+    np.testing.assert_array_equal(out["image"], [0, 255, 255])
+    assert out["image_window"] == (0.0, 2.0) and out["image_window_function"] == "LINEAR"
 
 
 def test_invert_monochrome1_only():
