@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from iqe.atomic import atomic_write_text
 from iqe.errors import InputError
-from iqe.model.bundle import cached_sha256
+from iqe.model.bundle import cached_sha256, listing, occupied_by
 
 if TYPE_CHECKING:
     from iqe.engine.registry import Backend
@@ -192,17 +192,13 @@ def check_export_target(out: Path, ref: BundleRef, force: bool) -> None:
         InputError: a file, a folder holding anything else, or another bundle's engines without `force`.
     """
     out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir())
+    entries = occupied_by(out)
     if not entries:
         return
     recorded = BundleRef.read(out)
     if recorded is None and not any(n.startswith("export.") and n.endswith(".json") for n in entries):
-        raise InputError(f"--out {out}: exists and is not an engine folder (holds {', '.join(entries[:3])}"
-                         f"{' ...' if len(entries) > 3 else ''}); nothing was written, choose a new or empty folder")
+        raise InputError(f"--out {out}: exists and is not an engine folder (holds {listing(entries)}); nothing was "
+                         "written, choose a new or empty folder")
     if recorded is not None and recorded.bundle_sha256 != ref.bundle_sha256 and not force:
         raise InputError(f"--out {out}: holds engines of bundle {short(recorded.bundle_sha256)} ({recorded.bundle}); "
                          f"pass --force to re-export it for bundle {short(ref.bundle_sha256)} ({ref.bundle})")

@@ -101,6 +101,23 @@ def bundle_identity(path: str | Path) -> tuple[str, str]:
     return bundle_sha256(path), load_config(path / CONFIG_NAME).digest()
 
 
+def occupied_by(target: Path) -> list[str]:
+    """Names in an output folder a writer was given ([] when it does not exist or is empty).
+
+    Raises:
+        InputError: `target` exists and is not a directory.
+    """
+    if not target.exists() and not target.is_symlink():
+        return []
+    if not target.is_dir():
+        raise InputError(f"{target}: exists and is not a directory; choose another --out")
+    return sorted(p.name for p in target.iterdir())
+
+
+def listing(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def check_bundle_target(out_dir: str | Path, force: bool = False) -> None:
     """Refuse to write a bundle where it would destroy something.
 
@@ -109,17 +126,12 @@ def check_bundle_target(out_dir: str | Path, force: bool = False) -> None:
             bundle while `force` is off.
     """
     out_dir = Path(out_dir)
-    if not out_dir.exists() and not out_dir.is_symlink():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory; choose another --out")
-    entries = sorted(p.name for p in out_dir.iterdir())
+    entries = occupied_by(out_dir)
     if not entries:
         return
     if not is_bundle(out_dir):
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise InputError(f"{out_dir}: exists and is not a model bundle (holds {shown}); nothing was written, "
-                         "choose a new or empty directory")
+        raise InputError(f"{out_dir}: exists and is not a model bundle (holds {listing(entries)}); nothing was "
+                         "written, choose a new or empty directory")
     if not force:
         raise InputError(f"{out_dir}: a model bundle already exists there; pass --force to replace it "
                          f"(only {', '.join(BUNDLE_FILES)} are replaced)")
