@@ -12,6 +12,8 @@ function OnStableSeries(seriesId, tags, metadata)
       return
    end
    print('IQE: routing series ' .. (tags['SeriesInstanceUID'] or seriesId) .. ' to iqe-node')
-   -- Asynchronous job in Orthanc's queue: retried by Orthanc if the node is down.
-   SendToModality(seriesId, 'iqe-node')
+   -- An asynchronous C-STORE job of the whole series (Orthanc's Lua SendToModality takes
+   -- instances only); a failed job is listed under /jobs and can be resubmitted there.
+   local request = { Resources = { seriesId }, Asynchronous = true }
+   RestApiPost('/modalities/iqe-node/store', DumpJson(request, true), false)
 end

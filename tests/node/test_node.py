@@ -102,8 +102,11 @@ def env(tmp_path_factory):
     """A destination Orthanc (started by the first test that needs it) and one node process."""
     root = tmp_path_factory.mktemp("node")
     node_port, http_port = free_port(), free_port()
-    dest = Orthanc(root / "dest", modalities={"iqe": ["IQE_NODE", "127.0.0.1", node_port]})
-    config = node_config(root / "node", node_port, http_port, dest)
+    # The destination doubles as the PACS of the Lua routing alternative: it sends stable series to the node.
+    dest = Orthanc(root / "dest", modalities={"iqe-node": ["IQE_NODE", "127.0.0.1", node_port]},
+                   extra={"LuaScripts": [str(REPO / "deploy" / "orthanc" / "route_to_iqe_node.lua")]})
+    config = node_config(root / "node", node_port, http_port, dest,
+                         allow=[("STORESCU", "127.0.0.1"), ("ORTHANC", "127.0.0.1")])
     node = NodeProcess(config, http_port).start()
     state = {"root": root, "dest": dest, "node": node, "port": node_port, "config": config}
     yield state
@@ -205,6 +208,19 @@ def test_node_killed_mid_series_loses_nothing_and_results_once(env, tmp_path):
     # Series completed before the restart were not produced again.
     sent_jobs = list((env["config"].parent / "spool" / "sent").iterdir())
     assert len({p.name.rsplit("-", 1)[0] for p in sent_jobs}) == len(sent_jobs)
+
+
+def test_orthanc_lua_routing_sends_stable_series_to_the_node(env, tmp_path):
+    """deploy/orthanc/route_to_iqe_node.lua: a series stored into Orthanc is routed, scored, and comes back."""
+    dest = dest_up(env)
+    files = write_dicom_series(tmp_path / "routed", 3, size=64, seed=6)
+    assert storescu(dest.dicom_port, files, called="ORTHANC").returncode == 0
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    got = wait_results(dest, study, sc_count=3)
+    time.sleep(2.5)  # the result series become stable in Orthanc as well: the script must not route them
+    got = results_by_kind(dest.study_objects(study))
+    assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 3]
+    assert set(sr_numbers(got["sr"][0])[0]) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
 
 
 def test_load_concurrent_associations(env, tmp_path):
