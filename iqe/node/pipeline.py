@@ -11,7 +11,6 @@ scorable yields its report and no DICOM objects.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,10 @@ from iqe.atomic import atomic_write_text
 from iqe.node.dicom_results import ResultContext, build_overlays, build_pm, build_sr, dumps, series_json
 from iqe.node.runtime_adapter import SeriesScore, SeriesScorer
 
-log = logging.getLogger("iqe.node")
+# What highdicom / pydicom raise when the source data do not allow an object (missing or odd
+# attributes). Anything else (ImportError, OSError, MemoryError) is not the data's fault: it
+# propagates, and the series is scored again later instead of being recorded without results.
+DATA_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
 def job_name(series_uid: str, digest: str) -> str:
@@ -78,9 +80,8 @@ class SeriesResults:
             for kind, build in builders:
                 try:
                     objects.extend((kind, ds) for ds in build())
-                except Exception as exc:  # noqa: BLE001 - one object type failing must not cost the others
+                except DATA_ERRORS as exc:  # this series' data do not allow it; the other objects still go out
                     errors.append(f"series {series_uid}: {kind} not written ({type(exc).__name__}: {exc})")
-                    log.warning("series %s: %s not written: %s", series_uid, kind, exc)
         else:
             errors.append(f"series {series_uid}: nothing scorable ({len(score.slices)} items, all failed)")
         written = {kind: [str(ds.SOPInstanceUID) for k, ds in objects if k == kind] for kind in ("sr", "pm", "sc")}

@@ -47,19 +47,37 @@ def mr_series(folder: Path, n: int = 3) -> list[Path]:
     return paths
 
 
-def iqe_score(folder: Path, out: Path) -> tuple[dict[str, float], float]:
-    """`iqe score` on a folder: (score by SOP Instance UID, series score)."""
+def enhanced_ct(folder: Path, n: int = 4) -> list[Path]:
+    """One multi-frame Legacy Converted Enhanced CT instance (n frames) made from a synthetic series."""
+    import highdicom as hd
+
+    frames = [pydicom.dcmread(p) for p in write_dicom_series(folder / "frames", n, size=64, seed=7)]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(frames, series_instance_uid=generate_uid(), series_number=7,
+                                                        sop_instance_uid=generate_uid(), instance_number=1)
+    (folder / "enhanced").mkdir()
+    path = folder / "enhanced" / "enhanced_ct.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    return [path]
+
+
+Key = tuple[str, int | None]  # (SOP Instance UID, 0-based frame of a multi-frame instance, else None)
+
+
+def iqe_score(folder: Path, out: Path) -> tuple[dict[Key, float], float]:
+    """`iqe score` on a folder: (score by SOP Instance UID and frame, series score)."""
     assert iqe_main(["score", str(folder), "--model", str(DEMO_BUNDLE), "--backend", "torch", "--out", str(out),
                      "--quiet"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     series = [json.loads(line) for line in (out / "series.jsonl").read_text().splitlines()]
     assert len(series) == 1
-    return {r["SOPInstanceUID"]: r["score"] for r in rows if "score" in r}, series[0]["score"]
+    sops = [r["SOPInstanceUID"] for r in rows]
+    keys = [(sop, sops[:i].count(sop) if sops.count(sop) > 1 else None) for i, sop in enumerate(sops)]
+    return {k: r["score"] for k, r in zip(keys, rows) if "score" in r}, series[0]["score"]
 
 
-def sr_numbers(sr: pydicom.Dataset) -> tuple[dict[str, float], list[float]]:
-    """Read an SR with plain pydicom: per-slice anomaly scores by referenced SOP UID, series scores."""
-    slices: dict[str, float] = {}
+def sr_numbers(sr: pydicom.Dataset) -> tuple[dict[Key, float], list[float]]:
+    """Read an SR with plain pydicom: per-slice anomaly scores by referenced SOP UID and frame, series scores."""
+    slices: dict[Key, float] = {}
     series: list[float] = []
 
     def walk(items) -> None:
@@ -69,8 +87,9 @@ def sr_numbers(sr: pydicom.Dataset) -> tuple[dict[str, float], list[float]]:
                 mv = item.MeasuredValueSequence[0]
                 value = float(mv.get("FloatingPointValue", mv.NumericValue))
                 if code.CodingSchemeDesignator == "99IQE" and code.CodeValue == "IQE0001":
-                    ref = [c for c in item.get("ContentSequence", []) if c.ValueType == "IMAGE"]
-                    slices[ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = value
+                    ref = [c for c in item.get("ContentSequence", []) if c.ValueType == "IMAGE"][0].ReferencedSOPSequence[0]
+                    frame = int(ref.ReferencedFrameNumber) - 1 if "ReferencedFrameNumber" in ref else None
+                    slices[(ref.ReferencedSOPInstanceUID, frame)] = value
                 elif code.CodingSchemeDesignator == "99IQE" and code.CodeValue == "IQE0002":
                     series.append(value)
             if "ContentSequence" in item:
@@ -123,33 +142,34 @@ def dest_up(env) -> Orthanc:
 def test_ct_and_mr_scored_delivered_after_destination_comes_back(env, tmp_path):
     ct = write_dicom_series(tmp_path / "ct", 5, size=64, seed=1)
     mr = mr_series(tmp_path / "mr", 3)
-    sent = storescu(env["port"], ct + mr)
+    enhanced = enhanced_ct(tmp_path / "enh", 4)
+    sent = storescu(env["port"], ct + mr + enhanced, extra=("-R",))
     assert sent.returncode == 0, sent.stderr
     node = env["node"]
     # The destination is down: the results wait in the outbox and the node retries.
     wait_for(lambda: node.metric("iqe_node_failures_total") >= 2, 40, "failed delivery attempts")
     assert node.http("/healthz")["outbox_jobs"] >= 1
     dest = dest_up(env)
-    for files in (ct, mr):
+    for files, frames in ((ct, len(ct)), (mr, len(mr)), (enhanced, 4)):
         study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-        got = wait_results(dest, study, sc_count=len(files))
-        assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, len(files)]
+        got = wait_results(dest, study, sc_count=frames)
+        assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, frames]
         expected_slices, expected_series = iqe_score(files[0].parent, tmp_path / f"score-{files[0].parent.name}")
         slices, series = sr_numbers(got["sr"][0])
-        assert set(slices) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+        assert set(slices) == set(expected_slices) and len(slices) == frames
         worst = max(abs(slices[k] - expected_slices[k]) for k in slices)
         assert worst <= SCORE_TOL, f"slice scores differ from `iqe score` by up to {worst:.2e}"
         assert series == [pytest.approx(expected_series, abs=SCORE_TOL)]
         for ds in got["sr"] + got["pm"] + got["sc"]:
             assert ds.StudyInstanceUID == study and ds.SeriesInstanceUID != pydicom.dcmread(files[0]).SeriesInstanceUID
-        assert int(got["pm"][0].NumberOfFrames) == len(files)
+        assert int(got["pm"][0].NumberOfFrames) == frames
         assert got["sc"][0].BurnedInAnnotation == "YES"
         assert "NOT FOR DIAGNOSTIC USE" in got["sc"][0].ImageComments
         report = json.loads((env["config"].parent / "spool" / "results" / f"{study}.json").read_text())
         (entry,) = report["series"].values()
         assert entry["score"] == pytest.approx(expected_series, abs=1e-6)
         assert entry["model"]["backend"] == "torch" and len(entry["model"]["bundle_sha256"]) == 20
-    assert node.metric("iqe_node_results_sent_total") >= 2 * 2 + len(ct) + len(mr)
+    assert node.metric("iqe_node_results_sent_total") >= 3 * 2 + len(ct) + len(mr) + 4
 
 
 def test_corrupt_and_non_image_objects_reported_others_unaffected(env, tmp_path):
@@ -171,7 +191,7 @@ def test_corrupt_and_non_image_objects_reported_others_unaffected(env, tmp_path)
     broken_study = str(pydicom.dcmread(broken[0]).StudyInstanceUID)
     got = wait_results(dest, broken_study, sc_count=2)
     slices, _ = sr_numbers(got["sr"][0])
-    assert set(slices) == {str(pydicom.dcmread(p).SOPInstanceUID) for p in (broken[0], broken[2])}
+    assert set(slices) == {(str(pydicom.dcmread(p).SOPInstanceUID), None) for p in (broken[0], broken[2])}
     report = json.loads((env["config"].parent / "spool" / "results" / f"{broken_study}.json").read_text())
     (entry,) = report["series"].values()
     assert any("cannot decode pixel data" in e for e in entry["errors"]), entry["errors"]
@@ -202,7 +222,7 @@ def test_node_killed_mid_series_loses_nothing_and_results_once(env, tmp_path):
     time.sleep(1.5)  # a second, duplicate result set would arrive within this time
     got = results_by_kind(dest.study_objects(study))
     assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 6]
-    assert set(sr_numbers(got["sr"][0])[0]) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert set(sr_numbers(got["sr"][0])[0]) == {(str(pydicom.dcmread(f).SOPInstanceUID), None) for f in files}
     series_dir = env["config"].parent / "spool" / "series" / str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     assert len(list(series_dir.glob("*.dcm"))) == 6
     # Series completed before the restart were not produced again.
@@ -220,7 +240,7 @@ def test_orthanc_lua_routing_sends_stable_series_to_the_node(env, tmp_path):
     time.sleep(2.5)  # the result series become stable in Orthanc as well: the script must not route them
     got = results_by_kind(dest.study_objects(study))
     assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 3]
-    assert set(sr_numbers(got["sr"][0])[0]) == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert set(sr_numbers(got["sr"][0])[0]) == {(str(pydicom.dcmread(f).SOPInstanceUID), None) for f in files}
 
 
 def test_load_concurrent_associations(env, tmp_path):
