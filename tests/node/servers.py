@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -60,8 +59,14 @@ class Orthanc:
         self.log = folder / "orthanc.log"
 
     def start(self, timeout: float = 20.0) -> "Orthanc":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "Orthanc":
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> "Orthanc":
         wait_for(lambda: self._alive(), timeout, f"Orthanc on port {self.http_port} (log {self.log})")
         return self
 
@@ -76,14 +81,19 @@ class Orthanc:
 
     def stop(self) -> None:
         """SIGTERM, then wait for the PID to exit (its ports are free only then)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
+        if self.proc is not None:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (several servers then stop in parallel; `stop` waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     def get(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -134,9 +144,15 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "NodeProcess":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "NodeProcess":
         env = {**os.environ, "PYTHONPATH": str(REPO), "TCP_NODELAY": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "iqe.cli", "node", "--config", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> "NodeProcess":
         wait_for(self.healthy, timeout, f"node health (log {self.log})")
         return self
 
@@ -170,9 +186,13 @@ class NodeProcess:
             self.proc.wait()
             self.proc = None
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.proc is not None:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -193,10 +213,9 @@ def echoscu(port: int, aet: str, called: str = "IQE_NODE") -> subprocess.Complet
                           capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
 
 
-@contextlib.contextmanager
-def running(*servers):
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
+def stop_all(*servers) -> None:
+    """SIGTERM every server at once, then wait for each (shutdowns overlap)."""
+    for s in servers:
+        s.terminate()
+    for s in servers:
+        s.stop()

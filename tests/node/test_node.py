@@ -22,7 +22,7 @@ from iqe.bench.data import write_dicom_series
 from iqe.cli import main as iqe_main
 from iqe.node.config import DEMO_BUNDLE
 from tests.node.servers import (PYTHON_PLUGIN, REPO, NodeProcess, Orthanc, echoscu, free_port, node_config,
-                                storescu, wait_for)
+                                stop_all, storescu, wait_for)
 
 pytestmark = pytest.mark.slow
 SCORE_TOL = 1e-5  # SR stores FLOAT (FloatingPointValue) / DS text of the float32 score; equality up to DS rounding
@@ -63,16 +63,20 @@ def enhanced_ct(folder: Path, n: int = 4) -> list[Path]:
 Key = tuple[str, int | None]  # (SOP Instance UID, 0-based frame of a multi-frame instance, else None)
 
 
-def iqe_score(folder: Path, out: Path) -> tuple[dict[Key, float], float]:
-    """`iqe score` on a folder: (score by SOP Instance UID and frame, series score)."""
-    assert iqe_main(["score", str(folder), "--model", str(DEMO_BUNDLE), "--backend", "torch", "--out", str(out),
-                     "--quiet"]) == 0
+def iqe_score(folders: list[Path], out: Path) -> list[tuple[dict[Key, float], float]]:
+    """One `iqe score` run over folders (one series each): per folder (score by SOP UID and frame, series score)."""
+    assert iqe_main(["score", *map(str, folders), "--model", str(DEMO_BUNDLE), "--backend", "torch",
+                     "--out", str(out), "--quiet"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    series = [json.loads(line) for line in (out / "series.jsonl").read_text().splitlines()]
-    assert len(series) == 1
-    sops = [r["SOPInstanceUID"] for r in rows]
-    keys = [(sop, sops[:i].count(sop) if sops.count(sop) > 1 else None) for i, sop in enumerate(sops)]
-    return {k: r["score"] for k, r in zip(keys, rows) if "score" in r}, series[0]["score"]
+    summaries = [json.loads(line) for line in (out / "series.jsonl").read_text().splitlines()]
+    assert len(summaries) == len(folders)
+    expected = []
+    for summary in summaries:  # in argument order
+        mine = [r for r in rows if r.get("series") == summary["series"]]
+        sops = [r["SOPInstanceUID"] for r in mine]
+        keys = [(sop, sops[:i].count(sop) if sops.count(sop) > 1 else None) for i, sop in enumerate(sops)]
+        expected.append(({k: r["score"] for k, r in zip(keys, mine) if "score" in r}, summary["score"]))
+    return expected
 
 
 def sr_numbers(sr: pydicom.Dataset) -> tuple[dict[Key, float], list[float]]:
@@ -118,7 +122,11 @@ def wait_results(orthanc: Orthanc, study_uid: str, sc_count: int, timeout: float
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A destination Orthanc (started by the first test that needs it) and one node process."""
+    """One node process, its destination Orthanc (started by the first test that needs it) and an
+    Orthanc running the plugin; started together and stopped together, so their start-up and
+    shutdown times overlap."""
+    import site
+
     root = tmp_path_factory.mktemp("node")
     node_port, http_port = free_port(), free_port()
     # The destination doubles as the PACS of the Lua routing alternative: it sends stable series to the node.
@@ -126,11 +134,26 @@ def env(tmp_path_factory):
                    extra={"LuaScripts": [str(REPO / "deploy" / "orthanc" / "route_to_iqe_node.lua")]})
     config = node_config(root / "node", node_port, http_port, dest,
                          allow=[("STORESCU", "127.0.0.1"), ("ORTHANC", "127.0.0.1")])
-    node = NodeProcess(config, http_port).start()
-    state = {"root": root, "dest": dest, "node": node, "port": node_port, "config": config}
-    yield state
-    state["node"].stop()
-    dest.stop()
+    plugin_config = node_config(root / "plugin", free_port(), 0, None)
+    plugin = Orthanc(root / "plugin-orthanc", aet="PLUGIN", extra={
+        "Plugins": [PYTHON_PLUGIN], "PythonScript": str(REPO / "deploy" / "orthanc" / "iqe_plugin.py"),
+        "IQE": {"SysPath": [*site.getsitepackages(), str(REPO)], "Config": str(plugin_config)}})
+    node = NodeProcess(config, http_port).launch()
+    plugin.launch()
+    state = {"root": root, "dest": dest, "node": node, "port": node_port, "config": config, "plugin": plugin}
+    try:
+        node.wait_ready()
+        plugin.wait_ready()
+        yield state
+    finally:
+        stop_all(state["node"], dest, plugin)
+
+
+def wait_stable(orthanc: Orthanc, study_uid: str) -> None:
+    """Until Orthanc calls every series of the study stable (its plugins and Lua have been told)."""
+    (study,) = [h["ID"] for h in orthanc.post("/tools/lookup", study_uid.encode()) if h["Type"] == "Study"]
+    wait_for(lambda: all(orthanc.get(f"/series/{s}")["IsStable"] for s in orthanc.get(f"/studies/{study}")["Series"]),
+             30, f"stable series in study {study_uid}", interval=0.2)
 
 
 def dest_up(env) -> Orthanc:
@@ -150,11 +173,12 @@ def test_ct_and_mr_scored_delivered_after_destination_comes_back(env, tmp_path):
     wait_for(lambda: node.metric("iqe_node_failures_total") >= 2, 40, "failed delivery attempts")
     assert node.http("/healthz")["outbox_jobs"] >= 1
     dest = dest_up(env)
-    for files, frames in ((ct, len(ct)), (mr, len(mr)), (enhanced, 4)):
+    expected = iqe_score([ct[0].parent, mr[0].parent, enhanced[0].parent], tmp_path / "score")
+    for (files, frames), (expected_slices, expected_series) in zip(((ct, len(ct)), (mr, len(mr)), (enhanced, 4)),
+                                                                   expected):
         study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
         got = wait_results(dest, study, sc_count=frames)
         assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, frames]
-        expected_slices, expected_series = iqe_score(files[0].parent, tmp_path / f"score-{files[0].parent.name}")
         slices, series = sr_numbers(got["sr"][0])
         assert set(slices) == set(expected_slices) and len(slices) == frames
         worst = max(abs(slices[k] - expected_slices[k]) for k in slices)
@@ -237,7 +261,10 @@ def test_orthanc_lua_routing_sends_stable_series_to_the_node(env, tmp_path):
     assert storescu(dest.dicom_port, files, called="ORTHANC").returncode == 0
     study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     got = wait_results(dest, study, sc_count=3)
-    time.sleep(2.5)  # the result series become stable in Orthanc as well: the script must not route them
+    wait_stable(dest, study)
+    time.sleep(1.0)  # the script has seen our result series become stable: none may have reached the node
+    spooled = {p.name for p in (env["config"].parent / "spool" / "series").iterdir()}
+    assert not spooled & {str(ds.SeriesInstanceUID) for kind in got.values() for ds in kind}
     got = results_by_kind(dest.study_objects(study))
     assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 3]
     assert set(sr_numbers(got["sr"][0])[0]) == {(str(pydicom.dcmread(f).SOPInstanceUID), None) for f in files}
@@ -268,27 +295,20 @@ def test_load_concurrent_associations(env, tmp_path):
           f"= {n / elapsed:.0f} instances/s (64x64 CT, durable spool, loopback)")
 
 
-def test_orthanc_plugin_scores_stable_series_in_place(tmp_path):
+def test_orthanc_plugin_scores_stable_series_in_place(env, tmp_path):
     """Orthanc with the Python plugin: a series stored into it gets its SR, PM and SC in the same Orthanc."""
-    import site
-
-    config = node_config(tmp_path / "plugin", free_port(), 0, None, extra="")
-    orthanc = Orthanc(tmp_path / "orthanc", extra={
-        "Plugins": [PYTHON_PLUGIN], "PythonScript": str(REPO / "deploy" / "orthanc" / "iqe_plugin.py"),
-        "IQE": {"SysPath": [*site.getsitepackages(), str(REPO)], "Config": str(config)}})
-    orthanc.start()
-    try:
-        files = write_dicom_series(tmp_path / "ct", 4, size=64, seed=5)
-        sent = storescu(orthanc.dicom_port, files, called="ORTHANC")
-        assert sent.returncode == 0, sent.stderr
-        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-        got = wait_results(orthanc, study, sc_count=4, timeout=60)
-        expected_slices, expected_series = iqe_score(files[0].parent, tmp_path / "score")
-        slices, series = sr_numbers(got["sr"][0])
-        assert max(abs(slices[k] - expected_slices[k]) for k in expected_slices) <= SCORE_TOL
-        assert series == [pytest.approx(expected_series, abs=SCORE_TOL)]
-        time.sleep(2.5)  # our result series become stable too: they must not be scored again
-        got = results_by_kind(orthanc.study_objects(study))
-        assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 4]
-    finally:
-        orthanc.stop()
+    orthanc = env["plugin"]
+    files = write_dicom_series(tmp_path / "ct", 4, size=64, seed=5)
+    sent = storescu(orthanc.dicom_port, files, called="PLUGIN")
+    assert sent.returncode == 0, sent.stderr
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    got = wait_results(orthanc, study, sc_count=4, timeout=60)
+    ((expected_slices, expected_series),) = iqe_score([files[0].parent], tmp_path / "score")
+    slices, series = sr_numbers(got["sr"][0])
+    assert set(slices) == set(expected_slices)
+    assert max(abs(slices[k] - expected_slices[k]) for k in expected_slices) <= SCORE_TOL
+    assert series == [pytest.approx(expected_series, abs=SCORE_TOL)]
+    wait_stable(orthanc, study)
+    time.sleep(1.0)  # the plugin has seen our result series become stable: it must not have scored them
+    got = results_by_kind(orthanc.study_objects(study))
+    assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 4]
