@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,15 +39,10 @@ from iqe.bench.data import write_dicom_series  # noqa: E402
 from iqe.node.config import AllowEntry, NodeSection  # noqa: E402
 from iqe.node.scp import StoreSCP  # noqa: E402
 from iqe.node.spool import Spool  # noqa: E402
+from tests.node.servers import DCMTK_ENV as ENV  # noqa: E402
+from tests.node.servers import STORESCU, Orthanc, free_port  # noqa: E402
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
-STORESCU, STORESCP, ORTHANC = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/sbin/Orthanc"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STORESCP = "/usr/bin/storescp"
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -92,20 +86,11 @@ def bench_node(files: list[Path], work: Path, durable: bool) -> float:
 def bench_orthanc(files: list[Path], work: Path) -> float:
     folder = work / "orthanc"
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    dicom_port, http_port = free_port(), free_port()
-    (folder / "orthanc.json").write_text(json.dumps({
-        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
-        "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False}))
-    proc = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    orthanc = Orthanc(folder).start()  # default settings apart from ports and storage
     try:
-        wait_port(dicom_port)
-        return send(dicom_port, files, "ORTHANC")
+        return send(orthanc.dicom_port, files, "ORTHANC")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)  # its ports are free only once it has exited
+        orthanc.stop()  # SIGTERM, then wait: its ports are free only once it has exited
 
 
 def bench_storescp(files: list[Path], work: Path) -> float:

@@ -105,10 +105,10 @@ def build_sr(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
         measurements.append(hd.sr.Measurement(name=_code(*OPERATING_THRESHOLD), value=float(threshold),
                                               unit=unit, algorithm_id=algorithm))
     for s in result.slices:
-        if s.scores is None or s.sop_uid not in sources or not np.isfinite(s.scores["score"]):
+        if s.sop_uid not in sources or not np.isfinite(s.score):
             continue
         ref = _source_image(sources[s.sop_uid], s.frame, hd.sr.SourceImageForMeasurement)
-        measurements.append(hd.sr.Measurement(name=_code(*ANOMALY_SCORE), value=s.scores["score"], unit=unit,
+        measurements.append(hd.sr.Measurement(name=_code(*ANOMALY_SCORE), value=s.score, unit=unit,
                                               algorithm_id=algorithm, referenced_images=[ref]))
     evaluations = []
     if result.decision is not None:
@@ -140,12 +140,11 @@ def build_sr(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
 def _resize(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """A display-frame map/image [S, S] -> the source matrix [rows, cols] (bilinear)."""
     img = Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
-    return np.asarray(img.resize((cols, rows), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(img.resize((cols, rows), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _scored(sources: dict[str, Dataset], result: SeriesScore) -> list[SliceScore]:
-    return [s for s in result.slices
-            if s.scores is not None and s.map is not None and s.sop_uid in sources and np.isfinite(s.scores["score"])]
+    return [s for s in result.slices if s.map is not None and s.sop_uid in sources and np.isfinite(s.score)]
 
 
 def build_pm(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContext) -> Dataset | None:
@@ -159,11 +158,11 @@ def build_pm(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
     slices = _scored(sources, result)
     if not slices:
         return None
-    first = sources[slices[0].sop_uid]
+    first = sources[str(slices[0].sop_uid)]
     rows, cols = int(first.Rows), int(first.Columns)
     frames = np.stack([_resize(s.map, rows, cols) for s in slices]).astype(np.float32)
     multi = any(s.frame is not None for s in slices)
-    images = [sources[s.sop_uid] for s in slices] if not multi else [first]
+    images = [sources[str(s.sop_uid)] for s in slices] if not multi else [first]
     lo, hi = float(frames.min()), float(frames.max())
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="IQE_ANOMALY", lut_explanation="IQE-CLIP anomaly map (smoothed)", unit=codes.UCUM.NoUnits,
@@ -201,7 +200,7 @@ def overlay_pixels(s: SliceScore, series_score: float | None, rows: int, cols: i
     draw = ImageDraw.Draw(img)
     size = max(6, min(rows // 28, cols // 20))  # the longer line fits the width
     font = _font(size)
-    text = f"score {s.scores['score']:.4f}"
+    text = f"score {s.score:.4f}"
     if series_score is not None:
         text += f" | series {series_score:.4f}"
     for y, line, colour in ((2, text, (255, 255, 255)), (rows - size - 4, NOT_FOR_DIAGNOSTIC_USE, (255, 64, 64))):
@@ -242,20 +241,21 @@ def build_overlays(sources: dict[str, Dataset], result: SeriesScore, ctx: Result
         slices = [s for s in slices if s.index == result.argmax_slice][:1] or slices[:1]
     lo = min(float(np.min(s.map)) for s in slices)
     hi = max(float(np.max(s.map)) for s in slices)
-    out = []
+    out: list[Dataset] = []
     for n, s in enumerate(slices, start=1):
-        ref = sources[s.sop_uid]
+        ref = sources[str(s.sop_uid)]
         rows, cols = int(ref.Rows), int(ref.Columns)
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref, pixel_array=overlay_pixels(s, result.score, rows, cols, lo, hi),
             photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-            patient_orientation=_patient_orientation(ref), pixel_spacing=_pixel_spacing(ref),
+            patient_orientation=_patient_orientation(ref),
+            pixel_spacing=_pixel_spacing(ref),  # type: ignore[arg-type]  # highdicom annotates ints; spacing is mm
             series_instance_uid=ctx.uid("sc-series"), series_number=ctx.series_number + 2,
             sop_instance_uid=ctx.uid("sc", s.index), instance_number=n, manufacturer=MANUFACTURER,
             transfer_syntax_uid=ExplicitVRLittleEndian)
         sc.BurnedInAnnotation = "YES"
         sc.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX} anomaly overlay ({NOT_FOR_DIAGNOSTIC_USE.lower()})"
-        sc.ImageComments = f"IQE anomaly score {s.scores['score']:.6f}; {NOT_FOR_DIAGNOSTIC_USE}"
+        sc.ImageComments = f"IQE anomaly score {s.score:.6f}; {NOT_FOR_DIAGNOSTIC_USE}"
         src = Dataset()
         src.ReferencedSOPClassUID, src.ReferencedSOPInstanceUID = ref.SOPClassUID, ref.SOPInstanceUID
         if s.frame is not None:

@@ -77,7 +77,11 @@ class OrthancSeriesWorker:
         except Exception:  # noqa: BLE001 - reported in Orthanc's log; Orthanc itself keeps running
             log.exception("model could not be loaded; the IQE plugin is idle")
             return
-        studies = StudyResults(self.cfg.spool / "results")
+        try:
+            studies: StudyResults | None = StudyResults(self.cfg.spool / "results")
+        except OSError as exc:  # e.g. the spool is not writable by Orthanc's user: results still go to Orthanc
+            log.warning("no JSON results: %s (set [node] spool to a folder Orthanc may write)", exc)
+            studies = None
         log.info("IQE plugin ready: model %s (%s, %s)", scorer.identity.name, scorer.identity.backend,
                  scorer.identity.precision)
         while (series_id := self.queue.get()) is not None:
@@ -122,7 +126,8 @@ class OrthancSeriesWorker:
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             self.orthanc.RestApiPost("/instances", buf.getvalue())
-        studies.put_series(study_uid, out.summary)
+        if studies is not None:
+            studies.put_series(study_uid, out.summary)
         for error in out.errors:
             log.warning("%s", error)
         log.info("series %s (study %s): %d instances scored, score %s, %d result objects stored", series_uid,

@@ -36,7 +36,7 @@ def job_name(series_uid: str, digest: str) -> str:
 
 def read_headers(folder: Path) -> dict[str, Dataset]:
     """Headers of the instances in `folder` by SOP Instance UID (unreadable files are skipped)."""
-    out = {}
+    out: dict[str, Dataset] = {}
     for path in sorted(folder.glob("*.dcm")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)

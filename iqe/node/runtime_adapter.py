@@ -49,6 +49,11 @@ class SliceScore:
     image: Any = None  # float32 [3, S, S] model input in [0, 1]
     calibration: dict[str, Any] = field(default_factory=dict)  # calibrated_score / decision / operating_point
 
+    @property
+    def score(self) -> float:
+        """The slice's anomaly score (NaN when it failed)."""
+        return float(self.scores["score"]) if self.scores else math.nan
+
 
 @dataclass
 class SeriesScore:
@@ -128,8 +133,8 @@ def summarize(results: list) -> SeriesScore:
     if summaries:
         score, argmax = summaries[0]["score"], summaries[0]["argmax_slice"]
     else:
-        ok = [s for s in slices if s.scores is not None and math.isfinite(s.scores["score"])]
-        score, argmax = (ok[0].scores["score"], ok[0].index) if ok else (None, None)
+        ok = [s for s in slices if math.isfinite(s.score)]
+        score, argmax = (ok[0].score, ok[0].index) if ok else (None, None)
     out = SeriesScore(slices, score, argmax)
     decisions = [s.calibration["decision"] for s in slices if "decision" in s.calibration]
     if decisions:  # a series is abnormal when any slice is

@@ -114,7 +114,7 @@ class StoreSCP:
         # Large PDUs: a 512x512 CT instance in 1-2 PDUs instead of 32 of the 16 KiB default; each PDU
         # costs Python-level parsing, so this alone decides much of the intake rate.
         self.ae.maximum_pdu_size = MAX_PDU
-        self.ae.add_supported_context(sc.Verification)
+        self.ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
         for cx in AllStoragePresentationContexts:
             uid = str(cx.abstract_syntax)
             self.ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES if uid in SCORABLE else cx.transfer_syntax)
@@ -126,13 +126,15 @@ class StoreSCP:
         """Listen (non-blocking); returns the bound address."""
         import threading
 
-        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_C_ECHO, lambda event: SUCCESS)]
-        self.server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=tls_context(self.cfg),
-                                          evt_handlers=handlers, server_class=NodelayServer)
-        self.ae._servers.append(self.server)  # as AE.start_server does; server.shutdown() removes it
-        threading.Thread(target=self.server.serve_forever, name="iqe-scp", daemon=True).start()
-        return self.server.server_address[:2]
+        handlers: list = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
+                          (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=tls_context(self.cfg),
+                                     evt_handlers=handlers, server_class=NodelayServer)
+        self.ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="iqe-scp", daemon=True).start()
+        self.server = server
+        host, port = server.server_address[:2]
+        return str(host), int(port)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -95,7 +95,8 @@ class Node:
             self._threads.append(t)
         if self.cfg.node.http_port:
             self._http = ThreadingHTTPServer((self.cfg.node.http_host, self.cfg.node.http_port), _handler(self))
-            self.http_address = self._http.server_address[:2]
+            host, port = self._http.server_address[:2]
+            self.http_address = (str(host), int(port))
             threading.Thread(target=self._http.serve_forever, name="iqe-http", daemon=True).start()
         log.info("node %s listening on %s:%d (DICOM), http %s; spool %s; destination %s", self.cfg.node.ae_title,
                  *self.address, self.http_address, self.cfg.spool,
@@ -158,8 +159,9 @@ class Node:
         t0 = time.time()
         ctx = ResultContext(job, self.cfg.node.uid_root, self.cfg.results.series_number, self.scorer.identity,
                             self.version)
-        out = SeriesResults.build(series.folder, series.series_uid, series.study_uid, self.scorer, ctx,
-                                  self.cfg.results.parametric_map, self.cfg.results.overlays)
+        with self.spool.snapshot(series) as folder:
+            out = SeriesResults.build(folder, series.series_uid, series.study_uid, self.scorer, ctx,
+                                      self.cfg.results.parametric_map, self.cfg.results.overlays)
         self.studies.put_series(series.study_uid, out.summary)
         self.outbox.put(job, out.objects, {"series_uid": series.series_uid, "study_uid": series.study_uid,
                                            "last_received": series.last_received, "instances": len(series.instances)})

@@ -14,13 +14,16 @@ restart that scores the same set again produces the same job and the same result
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,13 +164,27 @@ class Spool:
                                                                      "instances": len(series.instances)}),
                           durable=self.durable)
 
+    @contextlib.contextmanager
+    def snapshot(self, series: PendingSeries) -> Iterator[Path]:
+        """A folder holding exactly `series.instances` (hard links), for scoring.
+
+        Instances keep arriving while a series is scored; scoring the live folder could mix
+        a later instance into a job named after the earlier set. The snapshot is what the
+        job's name (digest) says it is.
+        """
+        work = self.root / "work" / f"{series.series_uid}-{series.digest[:16]}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            for sop in series.instances:
+                src = series.folder / f"{sop}.dcm"
+                try:
+                    os.link(src, work / src.name)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(src, work / src.name)
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def instance_count(self) -> int:
         return sum(1 for _ in self.series_root.glob("*/*.dcm"))
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder of plain files (a failed job's leftovers)."""
-    if path.is_dir():
-        for p in path.iterdir():
-            p.unlink()
-        os.rmdir(path)
