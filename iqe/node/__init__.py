@@ -22,8 +22,13 @@ def cmd_node(args: argparse.Namespace) -> int:
     """Run the DICOM inference node: receive series, score them, send SR / Parametric Map / SC results back."""
     import logging
 
+    from iqe.errors import InputError
     from iqe.node.config import load_config
-    from iqe.node.service import run_node
+
+    try:
+        from iqe.node.service import run_node
+    except ImportError as exc:
+        raise InputError(f"`iqe node` needs the node extra: pip install 'iqe-engine[node]' ({exc})") from None
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

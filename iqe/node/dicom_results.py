@@ -64,6 +64,18 @@ class ResultContext:
                                                                 *map(str, parts)])
 
 
+def _equipment(ctx: ResultContext) -> list:
+    """Contributing Equipment: the model (name, bundle hash) and software that made the object."""
+    import highdicom as hd
+
+    return [hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"IQE-CLIP {ctx.model.name}", software_versions=ctx.software_version,
+        device_serial_number=ctx.model.bundle_sha256[:16],
+        contribution_description=f"anomaly detection, {ctx.model.backend} {ctx.model.precision}; "
+                                 f"{NOT_FOR_DIAGNOSTIC_USE.lower()}")]
+
+
 def _algorithm(ctx: ResultContext):
     import highdicom as hd
 
@@ -131,7 +143,8 @@ def build_sr(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources.values()), content=report, series_instance_uid=ctx.uid("sr-series"),
         series_number=ctx.series_number, sop_instance_uid=ctx.uid("sr"), instance_number=1,
-        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False)
+        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=_equipment(ctx))
     sr.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX} anomaly report ({NOT_FOR_DIAGNOSTIC_USE.lower()})"
     sr.SoftwareVersions = ctx.software_version
     return sr
@@ -176,7 +189,8 @@ def build_pm(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
         voi_lut_transformations=[hd.content.VOILUTTransformation(window_center=(lo + hi) / 2,
                                                                    window_width=max(hi - lo, 1e-6))],
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        content_label="IQE_ANOMALY", content_description="anomaly map, not for diagnostic use")
+        content_label="IQE_ANOMALY", content_description="anomaly map, not for diagnostic use",
+        contributing_equipment=_equipment(ctx))
     pm.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX} anomaly map ({NOT_FOR_DIAGNOSTIC_USE.lower()})"
     return pm
 
@@ -252,7 +266,7 @@ def build_overlays(sources: dict[str, Dataset], result: SeriesScore, ctx: Result
             pixel_spacing=_pixel_spacing(ref),  # type: ignore[arg-type]  # highdicom annotates ints; spacing is mm
             series_instance_uid=ctx.uid("sc-series"), series_number=ctx.series_number + 2,
             sop_instance_uid=ctx.uid("sc", s.index), instance_number=n, manufacturer=MANUFACTURER,
-            transfer_syntax_uid=ExplicitVRLittleEndian)
+            transfer_syntax_uid=ExplicitVRLittleEndian, contributing_equipment=_equipment(ctx))
         sc.BurnedInAnnotation = "YES"
         sc.SeriesDescription = f"{SERIES_DESCRIPTION_PREFIX} anomaly overlay ({NOT_FOR_DIAGNOSTIC_USE.lower()})"
         sc.ImageComments = f"IQE anomaly score {s.score:.6f}; {NOT_FOR_DIAGNOSTIC_USE}"

@@ -65,6 +65,8 @@ def test_sr_holds_scores_decision_operating_point_and_model(series):
     assert {"bundle_sha256=" + "ab" * 10, "backend=torch", "precision=fp32"} <= params
     assert sr.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
     assert build_sr(sources, result, ctx).SOPInstanceUID == sr.SOPInstanceUID  # same job -> same UID
+    equipment = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "iqe-engine"]
+    assert equipment[0].DeviceSerialNumber == ("ab" * 10)[:16]
 
 
 def test_parametric_map_frames_follow_the_source_slices(series):

@@ -138,3 +138,14 @@ def test_config_errors_name_the_key():
     cfg = parse_config({"node": {"allow": [{"ae_title": "PACS", "host": "10.0.0.5"}]},
                         "destination": {"ae_title": "ORTHANC", "port": 4242}})
     assert cfg.node.allow == [AllowEntry("PACS", "10.0.0.5")] and cfg.destination.port == 4242
+
+
+def test_cli_check_and_missing_config(tmp_path, capsys):
+    from iqe.cli import main
+
+    assert main(["node", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert f"iqe node: error: {tmp_path / 'nope.toml'}: no such configuration file" in capsys.readouterr().err
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[node]\nae_title = "TEST_NODE"\nport = 11113\n')
+    assert main(["node", "--config", str(cfg), "--check"]) == 0
+    assert "ok (AE TEST_NODE on port 11113" in capsys.readouterr().out
