@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                     node.kill()
                     node.start()
                 else:
-                    dest.proc.kill()
-                    dest.proc.wait()
+                    dest.kill()
                     dest.start()
                 complete = proc.wait() == 0
                 if not complete:

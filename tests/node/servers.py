@@ -40,7 +40,35 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-class Orthanc:
+class ChildServer:
+    """A server child process: `terminate` signals, `stop` also waits for the PID (its ports are free only then)."""
+
+    proc: subprocess.Popen | None = None
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (several servers then stop in parallel; `stop` waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL and reap (a crash, for durability tests)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+class Orthanc(ChildServer):
     """An Orthanc child process with its own storage, on free ports."""
 
     def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
@@ -78,22 +106,6 @@ class Orthanc:
             return True
         except OSError:
             return False
-
-    def stop(self) -> None:
-        """SIGTERM, then wait for the PID to exit (its ports are free only then)."""
-        self.terminate()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def terminate(self) -> None:
-        """SIGTERM without waiting (several servers then stop in parallel; `stop` waits)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
 
     def get(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
@@ -135,7 +147,7 @@ def node_config(folder: Path, port: int, http_port: int, dest: Orthanc | None, q
     return path
 
 
-class NodeProcess:
+class NodeProcess(ChildServer):
     """`python -m iqe.cli node --config ...` as a child process."""
 
     def __init__(self, config: Path, http_port: int) -> None:
@@ -180,25 +192,6 @@ class NodeProcess:
                     total += float(value)
         return total
 
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-
-    def stop(self) -> None:
-        self.terminate()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 def storescu(port: int, files: list[Path], aet: str = "STORESCU", called: str = "IQE_NODE",
