@@ -58,14 +58,59 @@ class OrthancSeriesWorker:
     def __init__(self, orthanc: Any, cfg: NodeConfig) -> None:
         self.orthanc, self.cfg = orthanc, cfg
         self.queue: queue.Queue[str | None] = queue.Queue()
+        self._queued: set[str] = set()  # series waiting in the queue (an event and the replay may both add one)
+        self._lock = threading.Lock()
+        self.state_path = cfg.spool / "orthanc-plugin.json"
         self.thread = threading.Thread(target=self._run, name="iqe-orthanc", daemon=True)
 
     def on_change(self, change_type: int, level: int, resource_id: str) -> None:
         """Orthanc's change callback: only queues work (it must return at once)."""
         if change_type == self.orthanc.ChangeType.STABLE_SERIES:
-            self.queue.put(resource_id)
+            self._enqueue(resource_id)
         elif change_type == self.orthanc.ChangeType.ORTHANC_STOPPED:
             self.queue.put(None)
+
+    def _enqueue(self, series_id: str) -> None:
+        with self._lock:
+            if series_id in self._queued:
+                return
+            self._queued.add(series_id)
+        self.queue.put(series_id)
+
+    def replay(self) -> int:
+        """Queue the StableSeries changes Orthanc logged since the last checkpoint.
+
+        Orthanc does not repeat a stable-series event after a restart, so series that became
+        stable while the plugin was down, loading, or busy when Orthanc stopped are found in
+        Orthanc's change log (`/changes`). Returns the number of series queued.
+        """
+        since, queued = self._checkpoint(), 0
+        while True:
+            page = self._get(f"/changes?since={since}&limit=500")
+            for change in page["Changes"]:
+                if change["ChangeType"] == "StableSeries":
+                    self._enqueue(change["ID"])
+                    queued += 1
+            since = page["Last"]
+            if page["Done"] or not page["Changes"]:
+                return queued
+
+    def _checkpoint(self) -> int:
+        try:
+            return int(json.loads(self.state_path.read_text())["last_seq"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return 0
+
+    def _save_checkpoint(self) -> None:
+        """With the queue empty, every change up to Orthanc's newest one has been handled."""
+        from iqe.atomic import atomic_write_text
+
+        try:
+            last = int(self._get("/changes?last")["Last"])
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.state_path, json.dumps({"last_seq": last}))
+        except OSError as exc:
+            log.warning("change-log checkpoint not saved (%s): a restart replays more, which is harmless", exc)
 
     def _run(self) -> None:
         from iqe import __version__
@@ -82,13 +127,18 @@ class OrthancSeriesWorker:
         except OSError as exc:  # e.g. the spool is not writable by Orthanc's user: results still go to Orthanc
             log.warning("no JSON results: %s (set [node] spool to a folder Orthanc may write)", exc)
             studies = None
-        log.info("IQE plugin ready: model %s (%s, %s)", scorer.identity.name, scorer.identity.backend,
-                 scorer.identity.precision)
+        replayed = self.replay()
+        log.info("IQE plugin ready: model %s (%s, %s); %d stable series from Orthanc's change log", scorer.identity.name,
+                 scorer.identity.backend, scorer.identity.precision, replayed)
         while (series_id := self.queue.get()) is not None:
+            with self._lock:
+                self._queued.discard(series_id)
             try:
                 self.process(series_id, scorer, studies, f"iqe-engine {__version__}")
             except Exception:  # noqa: BLE001 - one series must not stop the worker
                 log.exception("Orthanc series %s: scoring failed", series_id)
+            if self.queue.empty():
+                self._save_checkpoint()
         scorer.close()
 
     def _get(self, uri: str) -> Any:

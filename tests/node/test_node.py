@@ -135,12 +135,21 @@ def env(tmp_path_factory):
     config = node_config(root / "node", node_port, http_port, dest,
                          allow=[("STORESCU", "127.0.0.1"), ("ORTHANC", "127.0.0.1")])
     plugin_config = node_config(root / "plugin", free_port(), 0, None)
+    # A series that became stable before the plugin ran: the plugin must find it in Orthanc's change log.
+    before = write_dicom_series(root / "before-plugin", 3, size=64, seed=8)
+    plain = Orthanc(root / "plugin-orthanc", aet="PLUGIN").start()
+    try:
+        assert storescu(plain.dicom_port, before, called="PLUGIN").returncode == 0
+        wait_stable(plain, str(pydicom.dcmread(before[0]).StudyInstanceUID))
+    finally:
+        plain.stop()
     plugin = Orthanc(root / "plugin-orthanc", aet="PLUGIN", extra={
         "Plugins": [PYTHON_PLUGIN], "PythonScript": str(REPO / "deploy" / "orthanc" / "iqe_plugin.py"),
         "IQE": {"SysPath": [*site.getsitepackages(), str(REPO)], "Config": str(plugin_config)}})
     node = NodeProcess(config, http_port).launch()
     plugin.launch()
-    state = {"root": root, "dest": dest, "node": node, "port": node_port, "config": config, "plugin": plugin}
+    state = {"root": root, "dest": dest, "node": node, "port": node_port, "config": config, "plugin": plugin,
+             "before_plugin": before}
     try:
         node.wait_ready()
         plugin.wait_ready()
@@ -312,3 +321,7 @@ def test_orthanc_plugin_scores_stable_series_in_place(env, tmp_path):
     time.sleep(1.0)  # the plugin has seen our result series become stable: it must not have scored them
     got = results_by_kind(orthanc.study_objects(study))
     assert [len(got[k]) for k in ("sr", "pm", "sc")] == [1, 1, 4]
+    # Stored and stable before Orthanc was restarted with the plugin: replayed from the change log.
+    before = env["before_plugin"]
+    got = wait_results(orthanc, str(pydicom.dcmread(before[0]).StudyInstanceUID), sc_count=3)
+    assert set(sr_numbers(got["sr"][0])[0]) == {(str(pydicom.dcmread(f).SOPInstanceUID), None) for f in before}
