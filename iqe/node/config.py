@@ -113,17 +113,18 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        kind = {"allow": AllowEntry, "tls": TlsConfig}.get(name) if cls is NodeSection else None
-        if name == "allow":
-            if not isinstance(value, list):
-                raise InputError(f"{where}.allow: expected an array of tables ([[node.allow]])")
-            kwargs[name] = [_build(AllowEntry, v, f"{where}.allow[{i}]") for i, v in enumerate(value)]
-        elif kind is not None:
-            kwargs[name] = _build(kind, value, f"{where}.{name}")
-        else:
-            kwargs[name] = value
+    for name, value in data.items():  # a value of the default's type (ints count as floats)
+        default = fields[name].default
+        if isinstance(default, (bool, int, float, str)) and not (
+                isinstance(value, type(default)) or (type(default) is float and type(value) is int)):
+            raise InputError(f"{where} {name}: expected {type(default).__name__}, got {value!r}")
+    kwargs: dict[str, Any] = dict(data)
+    if cls is NodeSection and "allow" in data:  # the two nested tables of [node]
+        if not isinstance(data["allow"], list):
+            raise InputError(f"{where}.allow: expected an array of tables ([[node.allow]])")
+        kwargs["allow"] = [_build(AllowEntry, v, f"{where}.allow[{i}]") for i, v in enumerate(data["allow"])]
+    if cls is NodeSection and "tls" in data:
+        kwargs["tls"] = _build(TlsConfig, data["tls"], f"{where}.tls")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing

@@ -133,6 +133,8 @@ def test_config_errors_name_the_key():
         parse_config({"node": {"quiet_period": 3}})
     with pytest.raises(InputError, match=r"unknown table\(s\) modle; known: node, model"):
         parse_config({"modle": {}})
+    with pytest.raises(InputError, match=r"node.toml \[node\] port: expected int, got '11112'"):
+        parse_config({"node": {"port": "11112"}})
     with pytest.raises(InputError, match=r"uid_root: '1.2.3' is not a UID root"):
         parse_config({"node": {"uid_root": "1.2.3"}})
     cfg = parse_config({"node": {"allow": [{"ae_title": "PACS", "host": "10.0.0.5"}]},
