@@ -38,6 +38,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
+    "iqe.node",
 ]
 
 
