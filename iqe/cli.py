@@ -30,6 +30,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
+    "iqe.export.triton",
 ]
 
 
@@ -110,10 +111,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import write_results
     from iqe.runtime.scoring import score_inputs
 
-    if args.model is None:
+    if args.server:  # a Triton server runs the model (iqe.export.triton); files are read here
+        from iqe.engine.triton_runner import TritonRunner
+
+        runner = TritonRunner(args.server)
+    elif args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
-    runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
-                         compile=args.compile)
+    else:
+        runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
+                             compile=args.compile)
     with runner:
         results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the fused graph")
     p.add_argument("--engine", type=Path, default=None,
                    help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
+    p.add_argument("--server", default=os.environ.get("IQE_SERVER"), metavar="URL",
+                   help="infer on a Triton server (grpc://HOST:8001 or http://HOST:8000) serving `iqe export-triton` "
+                        "output instead of a local engine (env IQE_SERVER)")
 
     p = add("train", cmd_train)
     p.add_argument("--data", type=_existing, required=True, help="BMAD root holding <Obj>_AD folders")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from iqe.errors import InputError
+from iqe.errors import InferenceFailed, InputError
 from iqe.runtime.results import SCORE_KEYS, ItemResult
 from iqe.runtime.sources import SliceItem, Source, Window, check_windows, discover, iter_slices
 
@@ -131,9 +131,15 @@ def score_inputs(
     def flush() -> None:
         if not pending:
             return
-        out = infer(np.stack([img for _, img in pending]))
+        try:
+            out, errors = infer(np.stack([img for _, img in pending])), None
+        except InferenceFailed as exc:  # rows a remote engine could not score fail alone
+            out, errors = exc.outputs, exc.errors
         for j, (idx, img) in enumerate(pending):
             r = results[idx]
+            if errors is not None and errors[j] is not None:
+                r.error = f"{r.path}: {errors[j]}"
+                continue
             r.scores = {k: float(out[k][j]) for k in SCORE_KEYS if k in out}
             if keep_maps:
                 r.map, r.map_smooth = out["map"][j], out["map_smooth"][j]
