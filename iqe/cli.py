@@ -31,6 +31,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
     "iqe.export.triton",
+    "iqe.runtime.bulk",
 ]
 
 

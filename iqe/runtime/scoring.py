@@ -125,6 +125,12 @@ def score_inputs(
     if batch_size < 1:
         raise InputError(f"--batch must be >= 1, got {batch_size}")
     items = iter_input_items(inputs, image_size, windows)  # validates windows now
+    return score_items(items, infer, batch_size, keep_maps, keep_images, progress)
+
+
+def score_items(items: Iterable[SliceItem], infer: InferFn, batch_size: int = 8, keep_maps: bool = False,
+                keep_images: bool = False, progress: bool = True) -> list[ItemResult]:
+    """Score a stream of items (from `iter_slices`): one ItemResult per item, in order (see `score_inputs`)."""
     results: list[ItemResult] = []
     pending: list[tuple[int, np.ndarray]] = []
 
@@ -148,7 +154,7 @@ def score_inputs(
         pending.clear()
 
     bar = tqdm(desc="scoring", unit="slice", disable=not progress)
-    for item in _prefetched(items, depth=2 * batch_size):
+    for item in _prefetched(iter(items), depth=2 * batch_size):
         results.append(_result_for(item))
         if item.image is not None:
             pending.append((len(results) - 1, item.image))
