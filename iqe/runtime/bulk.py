@@ -213,12 +213,15 @@ def _init_ray(opts: BulkOptions):
 
     repo = str(Path(__file__).resolve().parents[2])
     # workers import this checkout's `iqe` (nodes of a real cluster need the package installed as well)
-    env = {"PYTHONPATH": os.pathsep.join([repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    runtime_env = {"env_vars": env}
+    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
     if ray.is_initialized():
         return ray
     if opts.address:
-        ray.init(address=opts.address, runtime_env=runtime_env, log_to_driver=False)
+        try:
+            ray.init(address=opts.address, runtime_env=runtime_env, log_to_driver=False)
+        except ValueError:  # inside a submitted job: the job's runtime env applies (and must not be overridden)
+            ray.init(address=opts.address, log_to_driver=False)
     else:
         ray.init(num_cpus=opts.num_cpus, object_store_memory=opts.object_store_mb << 20, include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=False)
