@@ -37,7 +37,7 @@ from iqe.errors import InputError
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".csv", ".jsonl")
 PARTS, MAPS = "parts", "maps"
-_COLUMNS = ("unit", "unit_rows", "slice_no", "path", "row", "map_file", "node")
+_COLUMNS = ("unit", "unit_rows", "slice_no", "path", "row", "map_file", "node", "t_start", "t_end")
 
 
 @dataclass
@@ -135,6 +135,7 @@ class _Scorer:
         from iqe.runtime.scoring import score_items
         from iqe.runtime.sources import check_windows, iter_slices
 
+        t_start = time.time()
         _maybe_fail(self.opts.fail_once)
         windows = check_windows(self.opts.windows)
         units = [u for chunk in batch["units"] for u in json.loads(str(chunk))]
@@ -149,7 +150,7 @@ class _Scorer:
         results = score_items(items(), self.runner.infer, self.opts.batch, keep_maps=self.opts.save_maps,
                               progress=False)
         counts = np.bincount(unit_of, minlength=len(units))
-        cols: dict[str, list] = {k: [] for k in _COLUMNS}
+        cols: dict[str, list] = {k: [] for k in _COLUMNS if not k.startswith("t_")}
         maps: list[np.ndarray] = []
         node = _node_id()
         slice_no = 0
@@ -166,6 +167,8 @@ class _Scorer:
             if self.opts.save_maps:
                 maps.append(np.stack([r.map, r.map_smooth]) if r.error is None else
                             np.zeros((2, self.size, self.size), np.float32))
+        cols["t_start"] = [t_start] * len(results)  # wall clock of this chunk: throughput once actors are up
+        cols["t_end"] = [time.time()] * len(results)
         out: dict[str, Any] = {k: np.array(v) for k, v in cols.items()}
         if self.opts.save_maps:
             out["maps"] = np.stack(maps).astype(np.float32) if maps else np.zeros((0, 2, self.size, self.size), np.float32)
@@ -272,8 +275,9 @@ def run_bulk(inputs: list[str], out: str | Path, opts: BulkOptions) -> dict[str,
                             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))),
                             num_cpus=opts.cpus_per_actor, num_gpus=gpus)
         bar = tqdm(total=len(todo), desc="bulk", unit="unit", disable=not opts.progress)
-        t1 = time.perf_counter()
+        t1, wall1 = time.perf_counter(), time.time()
         first = None
+        span = [float("inf"), 0.0, 0]  # earliest chunk start, latest chunk end, items
         seen_units: set[str] = set()
         nodes: set[str] = set()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
@@ -289,13 +293,15 @@ def run_bulk(inputs: list[str], out: str | Path, opts: BulkOptions) -> dict[str,
             with atomic_open(out / PARTS / f"part-{uuid.uuid4().hex}.parquet", "wb") as fh:
                 pq.write_table(table, fh)
             nodes.update(table.column("node").to_pylist())
+            span = [min(span[0], min(batch["t_start"])), max(span[1], max(batch["t_end"])), span[2] + len(table)]
             new = set(table.column("unit").to_pylist()) - seen_units
             seen_units |= new
             bar.update(len(new))
         bar.close()
         summary.update(scored_units=len(seen_units), first_block_s=round(first or 0.0, 2),
                        run_s=round(time.perf_counter() - t1, 2), actors=min(actors, len(chunks)),
-                       nodes=sorted(nodes))
+                       nodes=sorted(nodes), actor_startup_s=round(span[0] - wall1, 2),
+                       items_per_s_actors_up=round(span[2] / max(span[1] - span[0], 1e-9), 2))
     n = _finish(out, units)
     summary.update(items=n, total_s=round(time.perf_counter() - t0, 2))
     atomic_write_text(out / "bulk_summary.json", json.dumps(summary, indent=2) + "\n")
