@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from iqe.errors import InputError
 
 SCORER, PREPROCESS, ENSEMBLE = "iqe_scorer", "iqe_preprocess", "iqe"
@@ -113,7 +115,7 @@ class TritonPythonModel:
 '''
 
 
-def preprocess_file_bytes(data: bytes, size: int, label: str = "file") -> "np.ndarray":  # noqa: F821
+def preprocess_file_bytes(data: bytes, size: int, label: str = "file") -> np.ndarray:
     """One encoded PNG/JPEG/TIFF or single-frame DICOM file -> float32 [3,S,S], as `iqe score` reads it.
 
     The bytes are written to a private temporary file and read with `iqe.runtime.sources`
@@ -133,8 +135,8 @@ def preprocess_file_bytes(data: bytes, size: int, label: str = "file") -> "np.nd
         items = [item for source in discover([path]) for item in iter_slices(source, size)]
     if len(items) != 1:
         raise ValueError(f"{label}: {len(items)} frames; send single-frame files (one image per row)")
-    if items[0].error:
-        raise ValueError(f"{label}: {items[0].error.replace(str(path), 'file')}")
+    if items[0].error or items[0].image is None:
+        raise ValueError(f"{label}: {(items[0].error or 'no image').replace(str(path), 'file')}")
     return items[0].image
 
 
@@ -148,7 +150,7 @@ def _pb():
     return model_config_pb2, text_format
 
 
-def _parameters(config, values: dict[str, str]) -> None:
+def _parameters(config, values: dict[str, object]) -> None:
     for key, value in values.items():
         config.parameters[key].string_value = str(value)
 

@@ -165,7 +165,7 @@ class _Scorer:
             cols["map_file"].append(_map_name(r.path) if self.opts.save_maps and r.error is None else "")
             cols["node"].append(node)
             if self.opts.save_maps:
-                maps.append(np.stack([r.map, r.map_smooth]) if r.error is None else
+                maps.append(np.stack([r.map, r.map_smooth]) if r.map is not None and r.map_smooth is not None else
                             np.zeros((2, self.size, self.size), np.float32))
         cols["t_start"] = [t_start] * len(results)  # wall clock of this chunk: throughput once actors are up
         cols["t_end"] = [time.time()] * len(results)
