@@ -22,6 +22,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -220,14 +221,16 @@ def _init_ray(opts: BulkOptions):
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
     if ray.is_initialized():
         return ray
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # execution-plan chatter; errors still show
     if opts.address:
         try:
-            ray.init(address=opts.address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=opts.address, runtime_env=runtime_env, **quiet)
         except ValueError:  # inside a submitted job: the job's runtime env applies (and must not be overridden)
-            ray.init(address=opts.address, log_to_driver=False)
+            ray.init(address=opts.address, **quiet)
     else:
         ray.init(num_cpus=opts.num_cpus, object_store_memory=opts.object_store_mb << 20, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=False)
+                 runtime_env=runtime_env, **quiet)
     return ray
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,10 @@ def test_dynamic_batching_and_per_item_errors(bundle, cache, server, tmp_path):
             t.start()
         for t in threads:
             t.join()
-    inf1, exe1 = _stats(server)
+    deadline = time.monotonic() + 10  # the server records statistics after sending the responses
+    while (stats := _stats(server))[0] - inf0 < 24 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    inf1, exe1 = stats
     assert inf1 - inf0 == 24
     assert exe1 - exe0 < 24, "the dynamic batcher never joined requests"
     # a server that goes away mid-run: rows fail alone, named, after the retries
