@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +75,7 @@ def main() -> int:
     import ray
 
     ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

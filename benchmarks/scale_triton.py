@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import threading
@@ -89,6 +90,7 @@ def main() -> int:
             with TritonRunner(url) as remote:
                 report[f"triton_{url.split(':')[0]}"] = _measure(remote.infer, images, args.clients)
     print(json.dumps(report, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

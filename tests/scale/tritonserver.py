@@ -83,15 +83,18 @@ class TritonServer:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n{self.logs()[-20000:]}")
+                logs = self.logs()
+                self.__exit__()
+                raise RuntimeError(f"tritonserver exited ({self.proc.returncode}):\n{logs[-20000:]}")
             try:
                 if client.is_server_ready():
                     return
             except Exception:  # connection refused while starting
                 pass
             time.sleep(0.25)
+        logs = self.logs()
         self.__exit__()
-        raise RuntimeError(f"tritonserver not ready after {self.timeout} s:\n{self.logs()[-20000:]}")
+        raise RuntimeError(f"tritonserver not ready after {self.timeout} s:\n{logs[-20000:]}")
 
     def logs(self) -> str:
         return (self.workdir / "server.log").read_text(errors="replace")
