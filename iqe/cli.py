@@ -39,6 +39,8 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
     "iqe.node",
+    "iqe.export.triton",
+    "iqe.runtime.bulk",
 ]
 
 
@@ -152,17 +154,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import RESULTS, RunOutput
     from iqe.runtime.run import score_to_folder
 
-    if args.model is None:
-        raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+    if args.server is None and args.model is None:
+        raise InputError("no model: pass --model BUNDLE (env IQE_MODEL) or --server URL (env IQE_SERVER)")
     _quiet_dicom_warnings()
     # The output folder is checked (and a resume matched to its record) before any engine or inference.
-    options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()),
-               "backend": args.backend, "precision": args.precision, "window": sorted(args.window or []),
-               "save_maps": args.save_maps, "overlays": args.overlays, "volumes": args.volumes}
+    options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()) if args.model else None,
+               "server": args.server, "backend": args.backend, "precision": args.precision,
+               "window": sorted(args.window or []), "save_maps": args.save_maps, "overlays": args.overlays,
+               "volumes": args.volumes}
     output = RunOutput(args.out, options, resume=args.resume, save_maps=args.save_maps or args.volumes,
                        overlays=args.overlays)
-    runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
-                         compile=args.compile)
+    if args.server:  # a Triton server runs the model (iqe.export.triton); files are read here
+        from iqe.engine.triton_runner import TritonRunner
+
+        runner = TritonRunner(args.server)
+    else:
+        runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
+                             compile=args.compile)
     with runner:
         batch = args.batch or runner.preferred_batch()
         report = score_to_folder(args.inputs, runner.infer, runner.image_size, output, batch_size=batch,
@@ -300,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(cache=None)
     p.add_argument("--engine", type=Path, default=None,
                    help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
+    p.add_argument("--server", default=os.environ.get("IQE_SERVER"), metavar="URL",
+                   help="infer on a Triton server (grpc://HOST:8001 or http://HOST:8000) serving `iqe export-triton` "
+                        "output instead of a local engine (env IQE_SERVER)")
 
     p = add("train", cmd_train)
     p.add_argument("--data", type=_existing, required=True, help="BMAD root holding <Obj>_AD folders")

@@ -12,3 +12,16 @@ class InputError(Exception):
 
 class WeightsError(InputError):
     """A weights file does not match the architecture (missing/unexpected key, wrong shape)."""
+
+
+class InferenceFailed(RuntimeError):
+    """Some rows of a batch could not be inferred (e.g. a remote server failed); the rest have results.
+
+    `errors[i]` is the message for row i (None where it succeeded); `outputs` holds every
+    row's values (meaningless where errors[i] is set).
+    """
+
+    def __init__(self, message: str, errors: list, outputs: dict):
+        super().__init__(message)
+        self.errors = errors
+        self.outputs = outputs

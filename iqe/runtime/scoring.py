@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from iqe.errors import InputError
+from iqe.errors import InferenceFailed, InputError
 from iqe.runtime.items import describe
 from iqe.runtime.results import SCORE_KEYS, ItemResult
 from iqe.runtime.sources import SliceItem, Source, Window, check_windows, discover, iter_slices
@@ -191,6 +191,8 @@ def _score_stream(items: Iterable[SliceItem], infer: InferFn, batch_size: int, k
         t0 = time.perf_counter()
         try:
             _infer_into(pending, infer)
+        except InferenceFailed as exc:  # a remote engine names the rows it could not score; the rest keep theirs
+            _partial_into(pending, exc)
         except Exception:  # noqa: BLE001  one bad input must not cost the batch: isolate it
             for one in pending:
                 try:
@@ -260,6 +262,19 @@ def _infer_into(batch: list[tuple[ItemResult, np.ndarray]], infer: InferFn) -> N
             r.map, r.map_smooth = np.asarray(out["map"][j]), np.asarray(out["map_smooth"][j])
 
 
+def _partial_into(batch: list[tuple[ItemResult, np.ndarray]], failed: InferenceFailed) -> None:
+    """Store the rows of a partly failed batch: per-row errors where the engine gave one, scores elsewhere."""
+    out = failed.outputs
+    for j, (r, _) in enumerate(batch):
+        if failed.errors[j] is not None:
+            r.error = f"{r.path}: inference failed ({failed.errors[j]})"
+            r.flags.clear()
+            continue
+        r.scores = {k: float(out[k][j]) for k in SCORE_KEYS if k in out}
+        if "map" in out and "map_smooth" in out:
+            r.map, r.map_smooth = np.asarray(out["map"][j]), np.asarray(out["map_smooth"][j])
+
+
 def score_inputs(
     inputs: Iterable[str | Path],
     infer: InferFn,
@@ -286,11 +301,16 @@ def score_inputs(
     Raises:
         InputError: bad `batch_size` or `windows` (before anything is read).
     """
-    stream = score_stream(iter_input_items(inputs, image_size, windows), infer, batch_size,
-                          keep_maps=keep_maps, keep_images=keep_images)
+    return score_items(iter_input_items(inputs, image_size, windows), infer, batch_size, keep_maps=keep_maps,
+                       keep_images=keep_images, progress=progress)
+
+
+def score_items(items: Iterable[SliceItem], infer: InferFn, batch_size: int = 8, keep_maps: bool = False,
+                keep_images: bool = False, progress: bool = True) -> list[ItemResult]:
+    """Score a stream of items (from `iter_slices`) into a list: `score_stream` collected (see `score_inputs`)."""
     results: list[ItemResult] = []
     with tqdm(desc="scoring", unit="slice", disable=not progress) as bar:
-        for batch in stream:
+        for batch in score_stream(items, infer, batch_size, keep_maps=keep_maps, keep_images=keep_images):
             results.extend(batch)
             bar.update(len(batch))
     return results
