@@ -63,8 +63,9 @@ def expected_score(path: Path) -> float:
 def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
     target = tmp_path / "results.txt"
     target.write_text("mine")
-    # the bundle does not exist either: the --out check comes first, before any engine or inference
-    rc = main(["score", "--model", str(tmp_path / "no-bundle"), str(tmp_path), "--out", str(target), "--quiet"])
+    # the "bundle" is an empty folder: the --out check comes first, before any engine is loaded
+    (tmp_path / "not-a-bundle").mkdir()
+    rc = main(["score", "--model", str(tmp_path / "not-a-bundle"), str(tmp_path), "--out", str(target), "--quiet"])
     assert rc == 2
     assert capsys.readouterr().err.strip() == f"iqe score: error: --out {target}: is a file, not a folder"
     assert target.read_text() == "mine"
