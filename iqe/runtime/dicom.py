@@ -45,7 +45,6 @@ from iqe.runtime.items import (
     fallback_window,
     to_model_input,
     window_for,
-    window_meta,
 )
 from iqe.runtime.transforms import Window, range_window
 
@@ -275,7 +274,10 @@ class _FrameReader:
         if is_enhanced(ds) and self.photometric.startswith("MONOCHROME"):
             import highdicom
 
-            self._hd = highdicom.Image.from_dataset(ds, copy=False)
+            try:
+                self._hd = highdicom.Image.from_dataset(ds, copy=False)
+            except FILE_ERRORS:  # highdicom refuses it: pydicom on the frame's flattened header does the same math
+                self._hd = None
 
     def stored(self, frame: int) -> np.ndarray:
         """Stored values of one frame: HxW (greyscale) or HxWx3 (colour).
@@ -304,10 +306,13 @@ class _FrameReader:
     def modality_values(self, pixels: np.ndarray, header: Dataset, frame: int) -> np.ndarray:
         """The frame's values after the Modality LUT / Pixel Value Transformation."""
         if self._hd is not None:
-            return self._hd.get_frame(frame, as_index=True, apply_real_world_transform=False,
-                                      apply_modality_transform=None, apply_voi_transform=False,
-                                      apply_presentation_lut=False, apply_palette_color_lut=False,
-                                      apply_icc_profile=False)
+            try:
+                return self._hd.get_frame(frame, as_index=True, apply_real_world_transform=False,
+                                          apply_modality_transform=None, apply_voi_transform=False,
+                                          apply_presentation_lut=False, apply_palette_color_lut=False,
+                                          apply_icc_profile=False)
+            except FILE_ERRORS:
+                pass  # e.g. a damaged per-frame item: the flattened header below gives the frame's rescale
         return apply_modality_lut(pixels, header)
 
 
