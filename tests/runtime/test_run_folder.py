@@ -97,10 +97,13 @@ def test_reused_folder_loses_exactly_the_previous_runs_files(tmp_path):
     assert len(list((out / "maps").iterdir())) == len(list((out / "overlays").iterdir())) == 5
     (out / "notes.txt").write_text("mine")  # a user file put beside the results
     (out / "maps" / "mine.npz").write_bytes(b"x")  # and one inside an output folder
-    run(images[:2], out)  # second run: two images, no maps, no overlays
-    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "maps", "notes.txt", "results.jsonl"]
+    run(images[:2], out, overlays=True)  # second run: two images, overlays only
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "maps", "notes.txt", "overlays", "results.jsonl"]
     assert [p.name for p in (out / "maps").iterdir()] == ["mine.npz"]
-    assert [r["path"] for r in read_results(out)] == [str(p) for p in images[:2]]
+    rows = read_results(out)
+    assert [r["path"] for r in rows] == [str(p) for p in images[:2]]
+    assert sorted(out.joinpath("overlays").iterdir()) == sorted(out / r["overlay"] for r in rows)
+    assert all("maps" not in r for r in rows)
 
 
 # ----------------------------------------------------------------------------- streaming
