@@ -224,12 +224,15 @@ def _score_stream(items: Iterable[SliceItem], infer: InferFn, batch_size: int, k
             waiting.append(r)
             if item.image is not None:
                 pending.append((r, item.image))
-                if len(pending) == batch_size:
-                    run_batch()
-                    yield waiting
-                    waiting = []
-                    if stop is not None and stop():
-                        return
+                if len(pending) < batch_size:
+                    continue
+                run_batch()
+            elif pending or len(waiting) < batch_size:
+                continue  # error items wait for the batch before them (input order), or for company
+            yield waiting
+            waiting = []
+            if stop is not None and stop():
+                return
         if pending:
             run_batch()
         if waiting:

@@ -253,3 +253,13 @@ def test_cli_resume_after_interruption(tiny_model, tmp_path):
     for r in again:
         assert r["score"] == pytest.approx(complete[r["path"]]["score"], abs=1e-6)
     assert main([*args, "--resume", "--save-maps"]) == 2  # options must match the recorded run
+
+
+def test_stop_is_honoured_between_chunks_of_unreadable_items():
+    from iqe.runtime.items import SliceItem
+
+    items = [SliceItem(f"bad{i}.dcm", f"bad{i}.dcm", None, error=f"bad{i}.dcm: not DICOM") for i in range(10)]
+    chunks = list(score_stream(items, infer, 3, stop=lambda: True, prefetch=False))
+    assert [[r.path for r in c] for c in chunks] == [["bad0.dcm", "bad1.dcm", "bad2.dcm"]]
+    chunks = list(score_stream(items, infer, 3, prefetch=False))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1] and all(r.error for c in chunks for r in c)
