@@ -20,7 +20,7 @@ decoded one at a time, so a long multi-frame file never sits in memory whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,18 +186,19 @@ def _frame_order(ds: Dataset, frames: int) -> tuple[list[int], str]:
     return order, "ImagePositionPatient"
 
 
-def iter_dicom_series(source: Source, size: int, windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+def iter_dicom_series(source: Source, size: int, windows: Mapping[str, Window],
+                      skip: Container[str] = ()) -> Iterator[SliceItem]:
     """The files of a series in volume order; index = running slice index (frames count)."""
     index = 0
     for path in source.files:
-        for item in iter_dicom_file(source, path, index, size, windows):
+        for item in iter_dicom_file(source, path, index, size, windows, skip):
             item.meta["ordered_by"] = source.ordered_by
             index += 1
             yield item
 
 
 def iter_dicom_file(source: Source, path: Path, first_index: int | None, size: int,
-                    windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+                    windows: Mapping[str, Window], skip: Container[str] = ()) -> Iterator[SliceItem]:
     """One DICOM file -> one item per frame, in volume order, each frame decoded on its own.
 
     `first_index` None: a standalone file (key = path, ``path#frame`` when multi-frame,
@@ -244,6 +245,9 @@ def iter_dicom_file(source: Source, path: Path, first_index: int | None, size: i
         return
     for position, frame in enumerate(order):
         key, index, label = name_of(frame, position, frames)
+        if key in skip:  # done in an earlier run: not decoded again
+            yield SliceItem(key, source.name, index, file=file)
+            continue
         frame_meta = dict(meta, frame=frame, frames=frames)
         try:
             header = frame_header(ds, frame)

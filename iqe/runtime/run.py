@@ -97,7 +97,7 @@ def score_to_folder(inputs: list[str | Path], infer: InferFn, image_size: int, o
     Raises:
         InputError: bad `windows` or `batch_size` (before anything is read or written).
     """
-    items = iter_input_items(inputs, image_size, windows, exclude=[output.out])
+    items = iter_input_items(inputs, image_size, windows, exclude=[output.out], skip=output.done)
     report = RunReport()
     with stop_on_signals() as stop, output:
         report.resumed = output.rows_kept

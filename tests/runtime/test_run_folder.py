@@ -140,7 +140,9 @@ def test_a_failing_batch_costs_only_its_bad_item(tmp_path):
     assert results[3].scores["score"] == pytest.approx(expected_score(images[3]), abs=1e-6)  # same batch, scored
 
 
-def test_resume_skips_finished_rows_and_retries_errors(tmp_path):
+def test_resume_skips_finished_rows_and_retries_errors(tmp_path, monkeypatch):
+    import iqe.runtime.images
+
     images = write_pngs(tmp_path / "in", 6)
     out = tmp_path / "out"
     run(images, out)
@@ -150,8 +152,12 @@ def test_resume_skips_finished_rows_and_retries_errors(tmp_path):
     bad["error"] = "made up"
     # as a killed run leaves it: two whole rows (one an error) and a torn third
     (out / "results.jsonl").write_text(rows[0] + "\n" + json.dumps(bad) + "\n" + rows[2][:17])
+    decoded = []
+    real = iqe.runtime.images.pil_to_tensor_array
+    monkeypatch.setattr(iqe.runtime.images, "pil_to_tensor_array", lambda im, size: decoded.append(1) or real(im, size))
     report = run(images, out, resume=True)
     assert (report.resumed, report.scored, report.failed) == (1, 5, 0)
+    assert len(decoded) == 5  # the finished image is not decoded again
     got = read_results(out)
     assert sorted(r["path"] for r in got) == [str(p) for p in images]  # each once
     for r in got:
