@@ -20,7 +20,7 @@ decoded one at a time, so a long multi-frame file never sits in memory whole.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ from iqe.runtime.items import (
     fallback_window,
     to_model_input,
     window_for,
-    window_meta,
 )
 from iqe.runtime.transforms import Window, range_window
 
@@ -187,18 +186,19 @@ def _frame_order(ds: Dataset, frames: int) -> tuple[list[int], str]:
     return order, "ImagePositionPatient"
 
 
-def iter_dicom_series(source: Source, size: int, windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+def iter_dicom_series(source: Source, size: int, windows: Mapping[str, Window],
+                      skip: Container[str] = ()) -> Iterator[SliceItem]:
     """The files of a series in volume order; index = running slice index (frames count)."""
     index = 0
     for path in source.files:
-        for item in iter_dicom_file(source, path, index, size, windows):
+        for item in iter_dicom_file(source, path, index, size, windows, skip):
             item.meta["ordered_by"] = source.ordered_by
             index += 1
             yield item
 
 
 def iter_dicom_file(source: Source, path: Path, first_index: int | None, size: int,
-                    windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+                    windows: Mapping[str, Window], skip: Container[str] = ()) -> Iterator[SliceItem]:
     """One DICOM file -> one item per frame, in volume order, each frame decoded on its own.
 
     `first_index` None: a standalone file (key = path, ``path#frame`` when multi-frame,
@@ -245,6 +245,9 @@ def iter_dicom_file(source: Source, path: Path, first_index: int | None, size: i
         return
     for position, frame in enumerate(order):
         key, index, label = name_of(frame, position, frames)
+        if key in skip:  # done in an earlier run: not decoded again
+            yield SliceItem(key, source.name, index, file=file)
+            continue
         frame_meta = dict(meta, frame=frame, frames=frames)
         try:
             header = frame_header(ds, frame)
@@ -275,7 +278,10 @@ class _FrameReader:
         if is_enhanced(ds) and self.photometric.startswith("MONOCHROME"):
             import highdicom
 
-            self._hd = highdicom.Image.from_dataset(ds, copy=False)
+            try:
+                self._hd = highdicom.Image.from_dataset(ds, copy=False)
+            except FILE_ERRORS:  # highdicom refuses it: pydicom on the frame's flattened header does the same math
+                self._hd = None
 
     def stored(self, frame: int) -> np.ndarray:
         """Stored values of one frame: HxW (greyscale) or HxWx3 (colour).
@@ -304,10 +310,13 @@ class _FrameReader:
     def modality_values(self, pixels: np.ndarray, header: Dataset, frame: int) -> np.ndarray:
         """The frame's values after the Modality LUT / Pixel Value Transformation."""
         if self._hd is not None:
-            return self._hd.get_frame(frame, as_index=True, apply_real_world_transform=False,
-                                      apply_modality_transform=None, apply_voi_transform=False,
-                                      apply_presentation_lut=False, apply_palette_color_lut=False,
-                                      apply_icc_profile=False)
+            try:
+                return self._hd.get_frame(frame, as_index=True, apply_real_world_transform=False,
+                                          apply_modality_transform=None, apply_voi_transform=False,
+                                          apply_presentation_lut=False, apply_palette_color_lut=False,
+                                          apply_icc_profile=False)
+            except FILE_ERRORS:
+                pass  # e.g. a damaged per-frame item: the flattened header below gives the frame's rescale
         return apply_modality_lut(pixels, header)
 
 

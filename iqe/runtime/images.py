@@ -8,7 +8,7 @@ min..max of the frame as a plain range, or the ``"*"`` override window, then the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,8 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # PIL modes conv
 MIN_MAX = (0.0, 100.0)  # percentiles meaning plain min-max
 
 
-def iter_image(source: Source, size: int, windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+def iter_image(source: Source, size: int, windows: Mapping[str, Window],
+               skip: Container[str] = ()) -> Iterator[SliceItem]:
     """One item per frame (pages of a multi-page TIFF); decoding problems become error items."""
     path = source.path
     try:
@@ -40,6 +41,9 @@ def iter_image(source: Source, size: int, windows: Mapping[str, Window]) -> Iter
             return
         for frame in range(frames):
             key, index = (str(path), None) if frames == 1 else (f"{path}#{frame}", frame)
+            if key in skip:  # done in an earlier run
+                yield SliceItem(key, source.name, index, file=str(path))
+                continue
             meta: dict[str, Any] = {"format": im.format, "frames": frames}
             try:
                 im.seek(frame)

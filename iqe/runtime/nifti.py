@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -78,7 +78,8 @@ def _nifti_modality(header: nib.Nifti1Header) -> str:
     return "CT" if "HOUNSFIELD" in text or "HU" in text.replace(",", " ").replace(";", " ").split() else ""
 
 
-def iter_nifti(source: Source, size: int, windows: Mapping[str, Window]) -> Iterator[SliceItem]:
+def iter_nifti(source: Source, size: int, windows: Mapping[str, Window],
+               skip: Container[str] = ()) -> Iterator[SliceItem]:
     """Axial slices (last axis after reorientation to LPS), inferior to superior."""
     path = source.path
     file = str(path)
@@ -102,6 +103,9 @@ def iter_nifti(source: Source, size: int, windows: Mapping[str, Window]) -> Iter
         window, window_source = fallback_window(modality)
     slices = volume.shape[2]
     for k in range(slices):
+        if f"{path}#{k}" in skip:  # done in an earlier run
+            yield SliceItem(f"{path}#{k}", source.name, k, file=file)
+            continue
         image, record = to_model_input(volume[:, :, k].T, window, window_source or "", "MONOCHROME2", size)
         meta = {"format": "nifti", "modality": modality or None, "slices": slices,
                 "display": "axial, anterior up, patient left on the right", "window": record}

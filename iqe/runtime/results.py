@@ -112,10 +112,10 @@ def write_results(out_dir: str | Path, results: list[ItemResult], save_maps: boo
     written = {"results": atomic_write_text(out_dir / RESULTS, "".join(json.dumps(r.to_json()) + "\n"
                                                                           for r in results))}
     if save_maps:
-        ok = [r for r in results if r.error is None and r.map is not None]
-        size = ok[0].map.shape[-1] if ok else 0
-        maps = np.stack([r.map for r in ok]).astype(np.float32) if ok else np.zeros((0, size, size), np.float32)
-        smooth = np.stack([r.map_smooth for r in ok]).astype(np.float32) if ok else maps.copy()
+        ok = [r for r in results if r.error is None and r.map is not None and r.map_smooth is not None]
+        pairs = [(r.map, r.map_smooth) for r in ok if r.map is not None and r.map_smooth is not None]
+        maps = np.stack([m for m, _ in pairs]).astype(np.float32) if pairs else np.zeros((0, 0, 0), np.float32)
+        smooth = np.stack([s for _, s in pairs]).astype(np.float32) if pairs else maps.copy()
         with atomic_open(out_dir / "maps.npz") as fh:
             np.savez(fh, paths=np.array([r.path for r in ok], dtype=str), map=maps, map_smooth=smooth,
                      failed=np.array([r.path for r in results if r.error is not None], dtype=str))

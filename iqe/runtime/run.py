@@ -97,11 +97,12 @@ def score_to_folder(inputs: list[str | Path], infer: InferFn, image_size: int, o
     Raises:
         InputError: bad `windows` or `batch_size` (before anything is read or written).
     """
-    items = iter_input_items(inputs, image_size, windows, exclude=[output.out])
+    items = iter_input_items(inputs, image_size, windows, exclude=[output.out], skip=output.done)
     report = RunReport()
     with stop_on_signals() as stop, output:
         report.resumed = output.rows_kept
-        stream = score_stream(items, infer, batch_size, keep_maps=output.save_maps, keep_images=output.overlays,
+        stream = score_stream(items, infer, batch_size, keep_maps=output.save_maps or output.overlays,
+                              keep_images=output.overlays,
                               skip=output.done, stop=stop.requested)
         with tqdm(desc="scoring", unit="item", disable=not progress, file=sys.stderr) as bar:
             for batch in stream:

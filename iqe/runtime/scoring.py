@@ -35,12 +35,12 @@ EMPTY_STD_LEVELS = 1.0  # an input whose grey levels vary by less than this (std
 
 
 def iter_input_items(inputs: Iterable[str | Path], size: int, windows: Mapping[str, Window] | None = None,
-                     exclude: Iterable[str | Path] = ()) -> Iterator[SliceItem]:
+                     exclude: Iterable[str | Path] = (), skip: Container[str] = ()) -> Iterator[SliceItem]:
     """Items of every input argument in the order given (each argument discovered on its own).
 
     DICOM files of one series are grouped when they sit in one folder argument; files
     passed one by one are scored as single files. Files under `exclude` (the run's own
-    output folder) are never read as inputs.
+    output folder) are never read as inputs. Items whose key is in `skip` come bare, not decoded.
 
     Raises:
         InputError: `windows` is malformed (raised now, before anything is read).
@@ -49,7 +49,7 @@ def iter_input_items(inputs: Iterable[str | Path], size: int, windows: Mapping[s
 
     def items() -> Iterator[SliceItem]:
         for source in discover_in_order(inputs, exclude):
-            yield from iter_slices(source, size, checked)
+            yield from iter_slices(source, size, checked, skip)
 
     return items()
 
@@ -226,12 +226,15 @@ def _score_stream(items: Iterable[SliceItem], infer: InferFn, batch_size: int, k
             waiting.append(r)
             if item.image is not None:
                 pending.append((r, item.image))
-                if len(pending) == batch_size:
-                    run_batch()
-                    yield waiting
-                    waiting = []
-                    if stop is not None and stop():
-                        return
+                if len(pending) < batch_size:
+                    continue
+                run_batch()
+            elif pending or len(waiting) < batch_size:
+                continue  # error items wait for the batch before them (input order), or for company
+            yield waiting
+            waiting = []
+            if stop is not None and stop():
+                return
         if pending:
             run_batch()
         if waiting:

@@ -20,7 +20,7 @@ Options the caller got wrong raise `InputError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from iqe.runtime.dicom import SeriesVolume, iter_dicom_file, iter_dicom_series, read_series_volume
@@ -42,7 +42,8 @@ __all__ = ["DEFAULT_WINDOWS", "GLOBAL_WINDOW", "NIFTI_SUFFIXES", "SeriesVolume",
            "check_windows", "discover", "iter_items", "iter_slices", "nifti_display_ornt", "read_series_volume"]
 
 
-def iter_slices(source: Source, size: int = 240, windows: Mapping[str, Window] | None = None) -> Iterator[SliceItem]:
+def iter_slices(source: Source, size: int = 240, windows: Mapping[str, Window] | None = None,
+                skip: Container[str] = ()) -> Iterator[SliceItem]:
     """Read one source as 2-D model inputs (see `iqe.runtime.dicom` for the DICOM intensity path).
 
     Args:
@@ -50,6 +51,8 @@ def iter_slices(source: Source, size: int = 240, windows: Mapping[str, Window] |
         size: output side length (240 for IQE-CLIP).
         windows: overrides ``{modality: (center, width)}``; ``"*"`` applies to every
             modality, to NIfTI and to high-bit-depth image files. Checked before reading.
+        skip: keys of items already done (``--resume``): yielded bare (no image, no
+            error) without decoding or preprocessing them.
 
     Returns:
         An iterator of items, each with an image or an error; reading problems never raise.
@@ -61,13 +64,13 @@ def iter_slices(source: Source, size: int = 240, windows: Mapping[str, Window] |
     if source.kind == "error":
         return iter([SliceItem(str(source.path), source.name, None, error=source.error, file=str(source.path))])
     if source.kind == "image":
-        items = iter_image(source, size, checked)
+        items = iter_image(source, size, checked, skip)
     elif source.kind == "nifti":
-        items = iter_nifti(source, size, checked)
+        items = iter_nifti(source, size, checked, skip)
     elif source.kind == "dicom":
-        items = iter_dicom_file(source, source.files[0], None, size, checked)
+        items = iter_dicom_file(source, source.files[0], None, size, checked, skip)
     else:
-        items = iter_dicom_series(source, size, checked)
+        items = iter_dicom_series(source, size, checked, skip)
     return _guarded(source, items)
 
 

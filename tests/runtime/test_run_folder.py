@@ -98,10 +98,13 @@ def test_reused_folder_loses_exactly_the_previous_runs_files(tmp_path):
     assert len(list((out / "maps").iterdir())) == len(list((out / "overlays").iterdir())) == 5
     (out / "notes.txt").write_text("mine")  # a user file put beside the results
     (out / "maps" / "mine.npz").write_bytes(b"x")  # and one inside an output folder
-    run(images[:2], out)  # second run: two images, no maps, no overlays
-    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "maps", "notes.txt", "results.jsonl"]
+    run(images[:2], out, overlays=True)  # second run: two images, overlays only
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD, "maps", "notes.txt", "overlays", "results.jsonl"]
     assert [p.name for p in (out / "maps").iterdir()] == ["mine.npz"]
-    assert [r["path"] for r in read_results(out)] == [str(p) for p in images[:2]]
+    rows = read_results(out)
+    assert [r["path"] for r in rows] == [str(p) for p in images[:2]]
+    assert sorted(out.joinpath("overlays").iterdir()) == sorted(out / r["overlay"] for r in rows)
+    assert all("maps" not in r for r in rows)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -138,7 +141,9 @@ def test_a_failing_batch_costs_only_its_bad_item(tmp_path):
     assert results[3].scores["score"] == pytest.approx(expected_score(images[3]), abs=1e-6)  # same batch, scored
 
 
-def test_resume_skips_finished_rows_and_retries_errors(tmp_path):
+def test_resume_skips_finished_rows_and_retries_errors(tmp_path, monkeypatch):
+    import iqe.runtime.images
+
     images = write_pngs(tmp_path / "in", 6)
     out = tmp_path / "out"
     run(images, out)
@@ -148,8 +153,12 @@ def test_resume_skips_finished_rows_and_retries_errors(tmp_path):
     bad["error"] = "made up"
     # as a killed run leaves it: two whole rows (one an error) and a torn third
     (out / "results.jsonl").write_text(rows[0] + "\n" + json.dumps(bad) + "\n" + rows[2][:17])
+    decoded = []
+    real = iqe.runtime.images.pil_to_tensor_array
+    monkeypatch.setattr(iqe.runtime.images, "pil_to_tensor_array", lambda im, size: decoded.append(1) or real(im, size))
     report = run(images, out, resume=True)
     assert (report.resumed, report.scored, report.failed) == (1, 5, 0)
+    assert len(decoded) == 5  # the finished image is not decoded again
     got = read_results(out)
     assert sorted(r["path"] for r in got) == [str(p) for p in images]  # each once
     for r in got:
@@ -251,3 +260,13 @@ def test_cli_resume_after_interruption(tiny_model, tmp_path):
     for r in again:
         assert r["score"] == pytest.approx(complete[r["path"]]["score"], abs=1e-6)
     assert main([*args, "--resume", "--save-maps"]) == 2  # options must match the recorded run
+
+
+def test_stop_is_honoured_between_chunks_of_unreadable_items():
+    from iqe.runtime.items import SliceItem
+
+    items = [SliceItem(f"bad{i}.dcm", f"bad{i}.dcm", None, error=f"bad{i}.dcm: not DICOM") for i in range(10)]
+    chunks = list(score_stream(items, infer, 3, stop=lambda: True, prefetch=False))
+    assert [[r.path for r in c] for c in chunks] == [["bad0.dcm", "bad1.dcm", "bad2.dcm"]]
+    chunks = list(score_stream(items, infer, 3, prefetch=False))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1] and all(r.error for c in chunks for r in c)
