@@ -30,6 +30,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
+    "iqe.model.bank",
 ]
 
 
@@ -68,10 +69,16 @@ def _print(msg: str) -> None:
 
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    """Import the reference's OpenAI CLIP weights + IQE-CLIP checkpoint into a bundle."""
+    """Import a reference's OpenAI CLIP weights + checkpoint (IQE-CLIP, or MVFA with --family mvfa) into a bundle."""
     from iqe.model.bundle import save_bundle
+
+    if args.family == "mvfa":
+        from iqe.model.mvfa import import_command
+
+        return import_command(args)
     from iqe.model.reference import import_reference
 
+    args.features = args.features or [6, 12, 18, 24]
     model = import_reference(args.clip, args.checkpoint, args.features, args.iqm_config, args.image_size)
     save_bundle(model, args.out, extra={"imported_from": {"clip": str(args.clip), "checkpoint": str(args.checkpoint),
                                                            "features": args.features}})
@@ -207,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_existing, required=True, help="OpenAI CLIP weights (TorchScript archive or state dict)")
     p.add_argument("--checkpoint", type=_existing, required=True, help="IQE-CLIP checkpoint from the reference code")
     p.add_argument("--iqm-config", type=_existing, default=None, help="reference IQM JSON (num_attention_heads); default 8 heads")
-    p.add_argument("--features", type=_features, default=[6, 12, 18, 24], help="1-based vision blocks used in training")
+    p.add_argument("--features", type=_features, default=None,
+                   help="1-based vision blocks used in training (default 6,12,18,24)")
     p.add_argument("--image-size", type=_positive, default=240, help="evaluation resolution")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--family", choices=["iqe-clip", "mvfa"], default="iqe-clip", help="model family of the checkpoint")
+    p.add_argument("--organ", default="Brain", help="mvfa: data set whose text prompts to precompute "
+                   "(Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, Histopathology)")
+    p.add_argument("--organ-text", default=None, help="mvfa: the word in the prompts (default: the reference's for --organ)")
 
     p = add("export", cmd_export)
     p.add_argument("bundle", type=_existing, help="bundle directory")

@@ -90,11 +90,11 @@ class TorchRunner(Runner):
     def _activate(self) -> None:
         import torch
 
-        from iqe.export.graphs import FusedGraph, cast_vision_fp16
+        from iqe.model.families import family_of
 
         self.model = self.model.to(self.device).eval()
-        vision = cast_vision_fp16(self.model) if self.precision == "fp16" else self.model
-        self.graph = FusedGraph(self.model, vision).to(self.device).eval()
+        graph, self.output_names = family_of(self.model).torch_graph(self.model, self.precision)
+        self.graph = graph.to(self.device).eval()
         if self.compile:
             # On CUDA "reduce-overhead" captures CUDA graphs: one launch per batch shape.
             mode = "reduce-overhead" if str(self.device).startswith("cuda") else "default"
@@ -105,7 +105,7 @@ class TorchRunner(Runner):
 
         with torch.inference_mode():
             out = self.graph(torch.from_numpy(images).to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in zip(HEAD_OUTPUTS, out)}
+        return {k: v.float().cpu().numpy() for k, v in zip(self.output_names, out)}
 
 
 def ort_providers() -> list[str]:
@@ -182,7 +182,7 @@ class TensorRTRunner(Runner):
 
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         out = self.trt.infer({"images": images})
-        return {k: out[k].float().cpu().numpy() for k in HEAD_OUTPUTS}
+        return {k: v.float().cpu().numpy() for k, v in out.items()}  # the plan's outputs (any model family)
 
     def _deactivate(self) -> None:
         self.trt.__exit__(None, None, None)

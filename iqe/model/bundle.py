@@ -17,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from iqe.errors import InputError, WeightsError
-from iqe.model.config import IQEConfig, load_config
 from iqe.model.iqe import IQEModel
 
 CONFIG_NAME = "config.json"
@@ -90,12 +89,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> IQEMode
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
         raise InputError(f"{path}: not a model bundle (expected {CONFIG_NAME} and {WEIGHTS_NAME} in a directory)")
-    cfg: IQEConfig = load_config(path / CONFIG_NAME)
+    from iqe.model.families import create_model, load_model_config
+
+    cfg = load_model_config(path / CONFIG_NAME)  # any family (config.json's "family", default iqe-clip)
     try:
         state = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path / WEIGHTS_NAME}: cannot read weights ({exc})") from None
-    model = IQEModel(cfg)
+    model = create_model(cfg)
     check_state_dict(model, state, str(path / WEIGHTS_NAME))
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-SCORE_KEYS = ("score", "score_query", "score_text", "score_few", "map_max")
+SCORE_KEYS = ("score", "score_query", "score_text", "score_few", "map_max", "score_zero")
+BRANCH_MAP_KEYS = ("map_zero", "map_few")  # MVFA's raw per-branch maps, saved in maps.npz when present
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ItemResult:
     map_smooth: np.ndarray | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-able context (series, slice, ...)
+    branch_maps: dict[str, np.ndarray] = field(default_factory=dict)  # BRANCH_MAP_KEYS the model returns
     image: np.ndarray | None = None  # preprocessed input, kept only for overlays
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +91,8 @@ def write_results(out_dir: str | Path, results: list[ItemResult], save_maps: boo
                     paths=np.array([r.path for r in ok], dtype=str),
                     map=maps,
                     map_smooth=smooth,
+                    **{k: np.stack([r.branch_maps[k] for r in ok]).astype(np.float32)
+                       for k in BRANCH_MAP_KEYS if ok and all(k in r.branch_maps for r in ok)},
                     failed=np.array([r.path for r in results if r.error is not None], dtype=str),
                 )
 

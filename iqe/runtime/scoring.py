@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from iqe.errors import InputError
-from iqe.runtime.results import SCORE_KEYS, ItemResult
+from iqe.runtime.results import BRANCH_MAP_KEYS, SCORE_KEYS, ItemResult
 from iqe.runtime.sources import SliceItem, Source, Window, check_windows, discover, iter_slices
 
 InferFn = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -137,6 +137,7 @@ def score_inputs(
             r.scores = {k: float(out[k][j]) for k in SCORE_KEYS if k in out}
             if keep_maps:
                 r.map, r.map_smooth = out["map"][j], out["map_smooth"][j]
+                r.branch_maps = {k: out[k][j] for k in BRANCH_MAP_KEYS if k in out}
             if keep_images:
                 r.image = img
         pending.clear()
