@@ -157,12 +157,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_bundle(args.init)
+        if getattr(model.cfg, "family", "iqe-clip") == "mvfa":
+            from iqe.model.mvfa_train import train_command
+
+            return train_command(model, args)
     else:
         _print(f"no --init bundle: starting from preset '{args.preset}' with RANDOM CLIP weights "
                "(fine for tests and demos; import real CLIP weights with `iqe import-reference` for real use)")
         model = IQEModel(load_config(args.preset))
     opts = TrainOptions(data=str(args.data), target=args.target, setting=args.setting, shots=args.shots,
-                        epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
+                        epochs=args.epochs, batch_size=args.batch, lr=args.lr or 1e-4, seed=args.seed,
                         max_steps_per_epoch=args.max_steps)
     summary = train(model, opts, args.out, resume=args.resume, progress=not args.quiet)
     _print(f"best epoch {summary['best_epoch']}: {json.dumps(summary['validation'])} -> {args.out}")
@@ -266,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="preset used when no --init is given (random CLIP)")
     p.add_argument("--epochs", type=_positive, default=5)
     p.add_argument("--batch", type=_positive, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 1e-4; MVFA bundles: the reference's 1e-3 few-shot, 1e-4 zero-shot)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=_positive, default=None, help="cap on batches per epoch")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train/train_state.pt")

@@ -187,6 +187,8 @@ class MVFAModel(nn.Module):
         self.seg_adapters = nn.ModuleList(ClipAdapter(w, e) for _ in range(k))
         self.det_adapters = nn.ModuleList(ClipAdapter(w, e) for _ in range(k))
         self.register_buffer("text_features", torch.zeros(e, 2))  # columns: normal, abnormal
+        # T of every reference data set (ORGAN_NAMES order): zero-shot training uses the other organs' prompts.
+        self.register_buffer("organ_text_features", torch.zeros(len(ORGAN_NAMES), e, 2))
         if cfg.bank_rows:
             self.register_buffer("bank", torch.zeros(k, cfg.bank_rows, e))  # raw features, CLS rows included
 
@@ -406,7 +408,9 @@ def import_mvfa(clip_path: str | Path, checkpoint_path: str | Path, organ: str, 
     text_state = {k: v for k, v in clip.items() if not k.startswith("visual.") and k != "logit_scale"}
     check_state_dict(tower, text_state, f"{clip_path} (text tower)")
     tower.load_state_dict(text_state)
-    state["text_features"] = text_features(tower.eval(), cfg.organ_text, text.context_length)
+    by_text = {t: text_features(tower.eval(), t, text.context_length) for t in {*ORGAN_NAMES.values(), cfg.organ_text}}
+    state["text_features"] = by_text[cfg.organ_text]
+    state["organ_text_features"] = torch.stack([by_text[t] for t in ORGAN_NAMES.values()])
     check_state_dict(model, state, f"{clip_path} + {checkpoint_path}")
     model.load_state_dict(state)
     return model.eval()

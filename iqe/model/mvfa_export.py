@@ -26,6 +26,10 @@ from iqe.model.layers import LayerNormFp32
 from iqe.model.mvfa import COS_EPS, MVFAModel, normalize_rows
 
 FUSED = "fused"
+# ORT vs PyTorch at the same precision. FP16: the heads see 100 * cos of FP16 features, so the
+# FP16 rounding noise of the encoder (~1e-3 relative) moves the level-summed maps (range 0..4)
+# by up to ~1e-2 between two FP16 implementations; fidelity to FP32 is the export policy's job.
+MVFA_VERIFY_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
 
 def cast_encoder_fp16(model: MVFAModel) -> MVFAModel:
@@ -71,8 +75,7 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
     import onnx
 
     from iqe.engine.trt_lint import lint
-    from iqe.export.onnx_export import OPSET, PRECISIONS, VERIFY_ATOL, ExportInfo, GraphInfo, sha256_file, \
-        verify_with_onnxruntime
+    from iqe.export.onnx_export import OPSET, PRECISIONS, ExportInfo, GraphInfo, sha256_file, verify_with_onnxruntime
 
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
@@ -105,9 +108,9 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
                    trt_lint=problems)
     if verify:
         gi.verify_max_abs = verify_with_onnxruntime(path, module, {"images": images}, names)
-        if gi.verify_max_abs > VERIFY_ATOL[precision]:
+        if gi.verify_max_abs > MVFA_VERIFY_ATOL[precision]:
             raise AssertionError(f"{path.name}: ONNX Runtime differs from PyTorch by {gi.verify_max_abs:.3g} "
-                                 f"(> {VERIFY_ATOL[precision]})")
+                                 f"(> {MVFA_VERIFY_ATOL[precision]})")
     info.graphs[FUSED] = gi
     info.export_seconds = round(time.perf_counter() - t0, 2)
     (out_dir / f"export.{precision}.json").write_text(info.to_json() + "\n")

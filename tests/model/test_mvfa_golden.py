@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,6 @@ from iqe.model.mvfa import import_mvfa
 from iqe.model.preprocess import load_image
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "mvfa"
-REPO = Path(__file__).resolve().parents[2]
 META = json.loads((GOLDEN / "fixtures.json").read_text())
 ROWS = np.array(META["map_rows"])
 TOL = 1e-4
@@ -72,9 +68,11 @@ def test_torch_matches_reference(organ, clip_file, reference):
         assert _max_abs(out["score_few"], reference["Chest/score_few"]) < TOL
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "iqe.cli", *args], capture_output=True, text=True, env=env, cwd=REPO)
+def _cli(*args: str) -> int:
+    """The CLI in-process (each subprocess would pay torch's import again)."""
+    from iqe.cli import main
+
+    return main(list(args))
 
 
 @pytest.mark.slow
@@ -83,16 +81,16 @@ def test_cli_import_bank_score_onnxruntime(clip_file, reference, tmp_path):
     bundle = tmp_path / "brain"
     r = _cli("import-reference", "--family", "mvfa", "--clip", str(clip_file), "--checkpoint", str(GOLDEN / "Brain.pth"),
              "--organ", "Brain", "--features", "1,2,3,4", "--out", str(bundle), "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r == 0
     r = _cli("bank", str(bundle), "--support", str(GOLDEN / "support"), "--shots", str(META["shots"]), "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert r == 0
     config = json.loads((bundle / "config.json").read_text())
     assert config["family"] == "mvfa" and [s["file"] for s in config["bank"]["support"]] == META["support"]
     for backend in ("onnxruntime", "torch"):
         out = tmp_path / backend
         r = _cli("score", "--model", str(bundle), str(GOLDEN / "test"), "--out", str(out), "--save-maps",
                  "--backend", backend, "--engine", str(tmp_path / "engine"), "--quiet")
-        assert r.returncode == 0, r.stderr
+        assert r == 0
         maps = np.load(out / "maps.npz")
         assert [Path(p).name for p in maps["paths"]] == META["test"]
         rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
