@@ -45,14 +45,18 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # this checkout's `iqe` (tokenizer and prompt lists)
 REFERENCE_COMMIT = "a30bf7bb2c51772a36e7be58d3c072be480620fe"
-WIDTH, LAYERS, PATCH, EMBED, TEXT_WIDTH, TEXT_LAYERS = 64, 4, 14, 64, 64, 2
-FEATURES = [1, 2, 3, 4]
+# Tiny sizes for the committed fixtures; parity.py also runs OpenAI ViT-L/14 sizes (VIT_L).
+TINY = {"width": 64, "layers": 4, "patch": 14, "embed": 64, "text_width": 64, "text_layers": 2, "text_heads": 1,
+        "features": [1, 2, 3, 4]}
+VIT_L = {"width": 1024, "layers": 24, "patch": 14, "embed": 768, "text_width": 768, "text_layers": 12, "text_heads": 12,
+         "features": [6, 12, 18, 24]}
+FEATURES = TINY["features"]
 ORGANS = ("Brain", "Chest")
 SHOTS = 2
 MAP_ROWS = np.r_[0:240:3, 239]  # sampled lattice of the stored maps
 
 
-def tiny_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_clip_state(seed: int = 0, dims: dict = TINY) -> dict[str, torch.Tensor]:
     """OpenAI-layout ViT CLIP with random weights; token rows outside the prompts' ids are zero."""
     from iqe.model.mvfa import ORGAN_NAMES, prompt_sentences
     from iqe.model.tokenizer import default_tokenizer
@@ -80,6 +84,8 @@ def tiny_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
             out[f"{p}.mlp.c_proj.weight"] = rnd(width, 4 * width, scale=(4 * width) ** -0.5)
             out[f"{p}.mlp.c_proj.bias"] = rnd(width)
 
+    WIDTH, LAYERS, PATCH, EMBED = dims["width"], dims["layers"], dims["patch"], dims["embed"]
+    TEXT_WIDTH, TEXT_LAYERS = dims["text_width"], dims["text_layers"]
     s: dict[str, torch.Tensor] = {}
     s["visual.class_embedding"] = rnd(WIDTH, scale=0.5)
     s["visual.positional_embedding"] = rnd(24 * 24 + 1, WIDTH, scale=0.1)  # the 336-px grid: resized at load
@@ -102,14 +108,15 @@ def tiny_clip_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.half() if k != "logit_scale" else v for k, v in s.items()}
 
 
-def adapter_checkpoint(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+def adapter_checkpoint(seed: int, dims: dict = TINY) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = {}
+    w, e = dims["width"], dims["embed"]
     for group in ("seg_adapters", "det_adapters"):
         out[group] = {}
-        for k in range(len(FEATURES)):
-            out[group][f"{k}.fc1.0.weight"] = 0.3 * torch.randn(EMBED, WIDTH, generator=g)
-            out[group][f"{k}.fc2.0.weight"] = 0.3 * torch.randn(WIDTH, EMBED, generator=g)
+        for k in range(len(dims["features"])):
+            out[group][f"{k}.fc1.0.weight"] = (2.4 / w ** 0.5) * torch.randn(e, w, generator=g)
+            out[group][f"{k}.fc2.0.weight"] = (2.4 / e ** 0.5) * torch.randn(w, e, generator=g)
     return out
 
 
@@ -133,13 +140,13 @@ def write_images(folder: Path, count: int, seed: int) -> list[Path]:
     return paths
 
 
-def write_fixtures(out: Path) -> dict:
+def write_fixtures(out: Path, dims: dict = TINY) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    torch.save(tiny_clip_state(), buf)
-    (out / "clip_tiny.pt.gz").write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    torch.save(tiny_clip_state(dims=dims), buf)
+    (out / "clip_tiny.pt.gz").write_bytes(gzip.compress(buf.getvalue(), mtime=0, compresslevel=1))
     for i, organ in enumerate(ORGANS):
-        torch.save(adapter_checkpoint(seed=10 + i), out / f"{organ}.pth")
+        torch.save(adapter_checkpoint(seed=10 + i, dims=dims), out / f"{organ}.pth")
     return {"test": [p.name for p in write_images(out / "test", 3, seed=1)],
             "support": [p.name for p in write_images(out / "support", SHOTS, seed=2)]}
 
@@ -235,7 +242,8 @@ class _Recorder(types.ModuleType):
         return out
 
 
-def run_reference(ref: Path, fixtures: Path, names: dict) -> dict[str, np.ndarray]:
+def run_reference(ref: Path, fixtures: Path, names: dict, dims: dict = TINY,
+                  rows: np.ndarray = MAP_ROWS) -> dict[str, np.ndarray]:
     install_stubs()
     sys.path.insert(0, str(ref))
     import CLIP.clip as ref_clip
@@ -247,15 +255,16 @@ def run_reference(ref: Path, fixtures: Path, names: dict) -> dict[str, np.ndarra
     clip_path.write_bytes(gzip.decompress((fixtures / "clip_tiny.pt.gz").read_bytes()))
     ref_clip._MODEL_CKPT_PATHS["tiny"] = clip_path
     ref_clip._MODEL_CONFIGS["tiny"] = {
-        "embed_dim": EMBED,
-        "vision_cfg": {"image_size": 336, "layers": LAYERS, "width": WIDTH, "patch_size": PATCH},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 1, "layers": TEXT_LAYERS},
+        "embed_dim": dims["embed"],
+        "vision_cfg": {"image_size": 336, "layers": dims["layers"], "width": dims["width"], "patch_size": dims["patch"]},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": dims["text_width"], "heads": dims["text_heads"],
+                     "layers": dims["text_layers"]},
     }
     for organ in ORGANS:
         shutil.copy(fixtures / f"{organ}.pth", work / f"{organ}.pth")
     data = _Data([fixtures / "test" / n for n in names["test"]], [fixtures / "support" / n for n in names["support"]])
     out: dict[str, np.ndarray] = {}
-    feats = ["--features_list", *map(str, FEATURES)]
+    feats = ["--features_list", *map(str, dims["features"])]
     for organ in ORGANS:
         rec = _Recorder()
         test_zero.np, test_zero.roc_auc_score = rec, lambda *a, **k: 0.0
@@ -265,7 +274,7 @@ def run_reference(ref: Path, fixtures: Path, names: dict) -> dict[str, np.ndarra
             test_zero.main()
         # np.array calls on lists: gt_list, segment_scores, image_scores (the last two before min-max)
         maps, scores = rec.arrays[1], rec.arrays[2]
-        out[f"{organ}/map_zero"] = maps[:, 0][:, MAP_ROWS][:, :, MAP_ROWS].astype(np.float32)
+        out[f"{organ}/map_zero"] = maps[:, 0][:, rows][:, :, rows].astype(np.float32)
         out[f"{organ}/score_zero"] = scores.astype(np.float32)
 
         rec = _Recorder()
@@ -276,13 +285,13 @@ def run_reference(ref: Path, fixtures: Path, names: dict) -> dict[str, np.ndarra
         with contextlib.redirect_stdout(io.StringIO()):
             test_few.main()
         if organ == "Brain":  # after gt_list: seg_score_map_zero, seg_score_map_few
-            out[f"{organ}/map_zero_few_script"] = rec.arrays[1][:, 0][:, MAP_ROWS][:, :, MAP_ROWS].astype(np.float32)
+            out[f"{organ}/map_zero_few_script"] = rec.arrays[1][:, 0][:, rows][:, :, rows].astype(np.float32)
             few = rec.arrays[2][:, 0]
         else:  # after gt_list: det_image_scores_zero, det_image_scores_few; per-image few-shot maps are np.sum results
             out[f"{organ}/score_zero_few_script"] = rec.arrays[1].astype(np.float32)
             out[f"{organ}/score_few"] = rec.arrays[2].astype(np.float32)
             few = np.stack([s[0] for s in rec.sums if s.ndim == 3])
-        out[f"{organ}/map_few"] = few[:, MAP_ROWS][:, :, MAP_ROWS].astype(np.float32)
+        out[f"{organ}/map_few"] = few[:, rows][:, :, rows].astype(np.float32)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
