@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--organ", default="Brain", help="mvfa: data set whose text prompts to precompute "
                    "(Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, Histopathology)")
     p.add_argument("--organ-text", default=None, help="mvfa: the word in the prompts (default: the reference's for --organ)")
+    p.add_argument("--all-organs", action="store_true",
+                   help="mvfa: also store the six reference data sets' text features (for zero-shot training)")
 
     p = add("export", cmd_export)
     p.add_argument("bundle", type=_existing, help="bundle directory")

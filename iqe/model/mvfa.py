@@ -358,11 +358,12 @@ def _level_count(state: dict[str, torch.Tensor]) -> int:
 
 
 def import_mvfa(clip_path: str | Path, checkpoint_path: str | Path, organ: str, features: list[int] | None = None,
-                image_size: int = 240, organ_text: str | None = None) -> MVFAModel:
+                image_size: int = 240, organ_text: str | None = None, all_organs: bool = False) -> MVFAModel:
     """Build an MVFAModel from OpenAI CLIP weights + an MVFA adapter checkpoint.
 
     CLIP weights get the reference's load-time numerics (fp16 rounding, resized positional
-    table; shared with the IQE-CLIP import); the text features of `organ` are computed here.
+    table; shared with the IQE-CLIP import); the text features of `organ` are computed here,
+    with `all_organs` also those of the six reference data sets (needed by zero-shot training).
     Raises InputError / WeightsError naming the key on any mismatch.
     """
     from iqe.model.bundle import check_state_dict
@@ -408,9 +409,11 @@ def import_mvfa(clip_path: str | Path, checkpoint_path: str | Path, organ: str, 
     text_state = {k: v for k, v in clip.items() if not k.startswith("visual.") and k != "logit_scale"}
     check_state_dict(tower, text_state, f"{clip_path} (text tower)")
     tower.load_state_dict(text_state)
-    by_text = {t: text_features(tower.eval(), t, text.context_length) for t in {*ORGAN_NAMES.values(), cfg.organ_text}}
+    texts = {*ORGAN_NAMES.values(), cfg.organ_text} if all_organs else {cfg.organ_text}
+    by_text = {t: text_features(tower.eval(), t, text.context_length) for t in sorted(texts)}
     state["text_features"] = by_text[cfg.organ_text]
-    state["organ_text_features"] = torch.stack([by_text[t] for t in ORGAN_NAMES.values()])
+    zeros = torch.zeros_like(state["text_features"])
+    state["organ_text_features"] = torch.stack([by_text.get(t, zeros) for t in ORGAN_NAMES.values()])
     check_state_dict(model, state, f"{clip_path} + {checkpoint_path}")
     model.load_state_dict(state)
     return model.eval()
@@ -422,7 +425,8 @@ def import_command(args: Any) -> int:
 
     from iqe.model.bundle import save_bundle
 
-    model = import_mvfa(args.clip, args.checkpoint, args.organ, args.features, args.image_size, args.organ_text)
+    model = import_mvfa(args.clip, args.checkpoint, args.organ, args.features, args.image_size, args.organ_text,
+                        args.all_organs)
     c = model.cfg
     save_bundle(model, args.out, extra={"imported_from": {"family": FAMILY, "clip": str(args.clip),
                                                            "checkpoint": str(args.checkpoint), "organ": args.organ}})

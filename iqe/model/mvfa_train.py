@@ -143,6 +143,10 @@ def train_mvfa(model: MVFAModel, opts: MVFATrainOptions, out: str | Path, progre
         items += [(img, 0.0, torch.zeros(size, size), opts.target) for img in augment(normal)]
     else:
         items = [(s, float(s.label), None, s.obj) for s in train_samples]
+        missing = sorted({s.obj for s in train_samples if not model.organ_text_features[organ_index[s.obj]].any()})
+        if missing:
+            raise InputError(f"zero-shot training needs the text features of {', '.join(missing)}: "
+                             "re-import with `iqe import-reference --family mvfa --all-organs`")
     for p in model.visual.parameters():
         p.requires_grad_(False)
     opt_seg = torch.optim.Adam(model.seg_adapters.parameters(), lr=lr, betas=(0.5, 0.999))

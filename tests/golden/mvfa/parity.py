@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--size", choices=["tiny", "vit-l"], default="tiny")
     ap.add_argument("--backends", default="torch:fp32,onnxruntime:fp32,onnxruntime:fp16")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--organs", default="Brain,Chest", help="Brain: seg-head bank; Chest: det-head bank")
     args = ap.parse_args()
     dims = mg.TINY if args.size == "tiny" else mg.VIT_L
     work = args.work or Path(tempfile.mkdtemp(prefix=f"mvfa-parity-{args.size}-"))
@@ -38,7 +39,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref = Path(tmp) / "MVFA-AD"
         mg.prepare_reference(args.reference, ref)
-        want = mg.run_reference(ref, work / "fixtures", names, dims, rows)
+        organs = tuple(args.organs.split(","))
+        want = mg.run_reference(ref, work / "fixtures", names, dims, rows, organs)
     for mod in [m for m in sys.modules if m.split(".")[0] in ("CLIP", "utils", "dataset", "test_few", "test_zero",
                                                                  "loss", "prompt")]:
         del sys.modules[mod]  # the reference's top-level `utils` etc. must not shadow anything later
@@ -50,7 +52,7 @@ def main() -> None:
     clip.write_bytes(gzip.decompress((work / "fixtures" / "clip_tiny.pt.gz").read_bytes()))
     feats = ",".join(map(str, dims["features"]))
     table = {}
-    for organ in mg.ORGANS:
+    for organ in organs:
         bundle = work / f"bundle-{organ}"
         assert iqe(["import-reference", "--family", "mvfa", "--clip", str(clip), "--checkpoint",
                     str(work / "fixtures" / f"{organ}.pth"), "--organ", organ, "--features", feats, "--out", str(bundle),
