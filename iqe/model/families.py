@@ -16,7 +16,6 @@ Imports of the families' modules happen lazily, so importing this module is chea
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -80,13 +79,10 @@ def config_from_dict(data: dict[str, Any]) -> Any:
 
 def load_model_config(path: str | Path) -> Any:
     """Read a config.json of any family (InputError on a missing file or bad JSON)."""
+    from iqe.model.config import read_config_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON ({exc})") from None
+    data = read_config_json(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return config_from_dict(data)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqe.errors import InputError, WeightsError
-from iqe.model.config import TextConfig, VisionConfig, _from_dict
+from iqe.model.config import IQEConfig, TextConfig, VisionConfig, _from_dict
 from iqe.model.layers import LayerNormFp32, Transformer, causal_mask
 
 FAMILY = "mvfa"
@@ -81,13 +81,8 @@ class MVFAConfig:
 
     family: str = dataclasses.field(default=FAMILY, init=False)
 
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.vision.patch_size
-
-    @property
-    def vision_heads(self) -> int:
-        return self.vision.heads or self.vision.width // 64 or 1
+    grid = IQEConfig.grid  # same derived sizes as IQE-CLIP's (17 at 240 px / patch 14)
+    vision_heads = IQEConfig.vision_heads
 
     @property
     def bank_rows(self) -> int:
@@ -339,13 +334,9 @@ def text_features(tower: _TextTower, organ_text: str, context_length: int) -> to
 # -- import of the reference's files -----------------------------------------------------------
 def read_mvfa_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """{'seg_adapters': state, 'det_adapters': state} as saved by train_*.py."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read torch checkpoint ({exc})") from None
+    from iqe.model.reference import load_torch_checkpoint
+
+    ckpt = load_torch_checkpoint(path)
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("seg_adapters", "det_adapters")):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise WeightsError(f"{path}: not an MVFA checkpoint (expected 'seg_adapters' and 'det_adapters' state dicts, "

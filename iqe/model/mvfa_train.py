@@ -177,7 +177,7 @@ def train_mvfa(model: MVFAModel, opts: MVFATrainOptions, out: str | Path, progre
             if seg_set:
                 opt_seg.step()
             opt_det.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         model.eval()
         scored = model
         if opts.setting == "few":
