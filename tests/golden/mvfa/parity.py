@@ -42,8 +42,8 @@ def main() -> None:
         organs = tuple(args.organs.split(","))
         want = mg.run_reference(ref, work / "fixtures", names, dims, rows, organs)
     for mod in [m for m in sys.modules if m.split(".")[0] in ("CLIP", "utils", "dataset", "test_few", "test_zero",
-                                                                 "loss", "prompt")]:
-        del sys.modules[mod]  # the reference's top-level `utils` etc. must not shadow anything later
+                                                                 "loss", "prompt", "torchvision", "pkg_resources")]:
+        del sys.modules[mod]  # the reference's modules and make_golden's stubs must not leak into iqe
     sys.path[:] = [p for p in sys.path if "MVFA-AD" not in p]
 
     from iqe.cli import main as iqe
