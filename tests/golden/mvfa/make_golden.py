@@ -48,8 +48,10 @@ REFERENCE_COMMIT = "a30bf7bb2c51772a36e7be58d3c072be480620fe"
 # Tiny sizes for the committed fixtures; parity.py also runs OpenAI ViT-L/14 sizes (VIT_L).
 TINY = {"width": 64, "layers": 4, "patch": 14, "embed": 64, "text_width": 64, "text_layers": 2, "text_heads": 1,
         "features": [1, 2, 3, 4]}
-VIT_L = {"width": 1024, "layers": 24, "patch": 14, "embed": 768, "text_width": 768, "text_layers": 12, "text_heads": 12,
-         "features": [6, 12, 18, 24]}
+# ViT-L/14 vision tower and adapters at full size; the text tower is cut to 64 x 2 (its path is
+# checked at tiny size, and 12 full-width layers over 2 x 420 padded prompts would dominate a CPU run).
+VIT_L = {"width": 1024, "layers": 24, "patch": 14, "embed": 768, "text_width": 64, "text_layers": 2, "text_heads": 1,
+         "features": [6, 12, 18, 24], "shots": 1}
 FEATURES = TINY["features"]
 ORGANS = ("Brain", "Chest")
 SHOTS = 2
@@ -148,7 +150,7 @@ def write_fixtures(out: Path, dims: dict = TINY) -> dict:
     for i, organ in enumerate(ORGANS):
         torch.save(adapter_checkpoint(seed=10 + i, dims=dims), out / f"{organ}.pth")
     return {"test": [p.name for p in write_images(out / "test", 3, seed=1)],
-            "support": [p.name for p in write_images(out / "support", SHOTS, seed=2)]}
+            "support": [p.name for p in write_images(out / "support", dims.get("shots", SHOTS), seed=2)]}
 
 
 # -- running the reference -----------------------------------------------------------------------
@@ -287,7 +289,7 @@ def run_reference(ref: Path, fixtures: Path, names: dict, dims: dict = TINY, row
         test_few.np, test_few.roc_auc_score = rec, lambda *a, **k: 0.0
         test_few.MedDataset = lambda *a, **k: data
         sys.argv = ["test_few.py", "--model_name", "tiny", "--obj", organ, "--save_path", str(work),
-                    "--shot", str(SHOTS), *feats]
+                    "--shot", str(dims.get("shots", SHOTS)), *feats]
         with contextlib.redirect_stdout(io.StringIO()):
             test_few.main()
         if organ == "Brain":  # after gt_list: seg_score_map_zero, seg_score_map_few

@@ -57,7 +57,7 @@ def main() -> None:
         assert iqe(["import-reference", "--family", "mvfa", "--clip", str(clip), "--checkpoint",
                     str(work / "fixtures" / f"{organ}.pth"), "--organ", organ, "--features", feats, "--out", str(bundle),
                     "--quiet"]) == 0
-        assert iqe(["bank", str(bundle), "--support", str(work / "fixtures" / "support"), "--shots", str(mg.SHOTS),
+        assert iqe(["bank", str(bundle), "--support", str(work / "fixtures" / "support"), "--shots", str(dims.get("shots", mg.SHOTS)),
                     "--quiet"]) == 0
         for spec in args.backends.split(","):
             backend, precision = spec.split(":")
