@@ -1,9 +1,10 @@
 """Backends behind one runner interface: torch, onnxruntime, tensorrt.
 
 A runner is a context manager. `infer(images)` takes a float32 batch [B,3,S,S] in [0,1]
-(preprocessed as REFERENCE §1) and returns float32 NumPy arrays keyed by
-`iqe.export.graphs.HEAD_OUTPUTS`. Inputs are validated once in the base class; backends
-implement `_activate`, `_infer`, `_deactivate`. Optional backends import lazily.
+(preprocessed as REFERENCE §1) and returns float32 NumPy arrays keyed by the model
+family's output names (`iqe.export.graphs.HEAD_OUTPUTS` for IQE-CLIP). Inputs are validated
+once in the base class; backends implement `_activate`, `_infer`, `_deactivate`. Optional
+backends import lazily.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from iqe.errors import InputError
-from iqe.export.graphs import HEAD_OUTPUTS
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
