@@ -41,6 +41,7 @@ STAGE_COMMANDS: list[str] = [
     "iqe.node",
     "iqe.export.triton",
     "iqe.runtime.bulk",
+    "iqe.model.bank",
 ]
 
 
@@ -95,11 +96,17 @@ ONNX_MODULES = ("onnx", "onnxruntime")  # export writes with onnx and verifies e
 
 # -- subcommands ------------------------------------------------------------------------------
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    """Import the reference's OpenAI CLIP weights + IQE-CLIP checkpoint into a bundle."""
+    """Import a reference's OpenAI CLIP weights + checkpoint (IQE-CLIP, or MVFA with --family mvfa) into a bundle."""
     from iqe.model.bundle import check_bundle_target, save_bundle
-    from iqe.model.reference import import_reference
 
     check_bundle_target(args.out, args.force)
+    if args.family == "mvfa":
+        from iqe.model.mvfa import import_command
+
+        return import_command(args)
+    from iqe.model.reference import import_reference
+
+    args.features = args.features or [6, 12, 18, 24]
     model = import_reference(args.clip, args.checkpoint, args.features, args.iqm_config, args.image_size)
     provenance = {"clip": str(args.clip), "checkpoint": str(args.checkpoint), "features": args.features}
     save_bundle(model, args.out, force=args.force, extra={"imported_from": provenance})
@@ -205,12 +212,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_bundle(args.init)
+        if getattr(model.cfg, "family", "iqe-clip") == "mvfa":
+            from iqe.model.mvfa_train import train_command
+
+            return train_command(model, args)
     else:
         _print(f"no --init bundle: starting from preset '{args.preset}' with RANDOM CLIP weights "
                "(fine for tests and demos; import real CLIP weights with `iqe import-reference` for real use)")
         model = IQEModel(load_config(args.preset))
     opts = TrainOptions(data=str(args.data), target=args.target, setting=args.setting, shots=args.shots,
-                        epochs=args.epochs, batch_size=args.batch, lr=args.lr, seed=args.seed,
+                        epochs=args.epochs, batch_size=args.batch, lr=args.lr or 1e-4, seed=args.seed,
                         max_steps_per_epoch=args.max_steps)
     summary = train(model, opts, args.out, resume=args.resume, progress=not args.quiet)
     _print(f"best epoch {summary['best_epoch']}: {json.dumps(summary['validation'])} -> {args.out}")
@@ -261,10 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=_existing, required=True, help="OpenAI CLIP weights (TorchScript archive or state dict)")
     p.add_argument("--checkpoint", type=_existing, required=True, help="IQE-CLIP checkpoint from the reference code")
     p.add_argument("--iqm-config", type=_existing, default=None, help="reference IQM JSON (num_attention_heads); default 8 heads")
-    p.add_argument("--features", type=_features, default=[6, 12, 18, 24], help="1-based vision blocks used in training")
+    p.add_argument("--features", type=_features, default=None,
+                   help="1-based vision blocks used in training (default 6,12,18,24)")
     p.add_argument("--image-size", type=_positive, default=240, help="evaluation resolution")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write (new or empty)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (its bundle files only)")
+    p.add_argument("--family", choices=["iqe-clip", "mvfa"], default="iqe-clip", help="model family of the checkpoint")
+    p.add_argument("--organ", default="Brain", help="mvfa: data set whose text prompts to precompute "
+                   "(Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, Histopathology)")
+    p.add_argument("--organ-text", default=None, help="mvfa: the word in the prompts (default: the reference's for --organ)")
+    p.add_argument("--all-organs", action="store_true",
+                   help="mvfa: also store the six reference data sets' text features (for zero-shot training)")
 
     p = add("export", cmd_export)
     p.add_argument("bundle", type=_existing, help="bundle directory")
@@ -321,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="preset used when no --init is given (random CLIP)")
     p.add_argument("--epochs", type=_positive, default=5)
     p.add_argument("--batch", type=_positive, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 1e-4; MVFA bundles: the reference's 1e-3 few-shot, 1e-4 zero-shot)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-steps", type=_positive, default=None, help="cap on batches per epoch")
     p.add_argument("--resume", action="store_true", help="continue from <out>.train/train_state.pt")

@@ -62,12 +62,12 @@ class TorchRunner(Runner):
 
     def _prepare(self):
         """The module that runs, in this runner's precision (the one place precision is decided)."""
-        from iqe.export.graphs import FusedGraph, cast_vision_fp16
+        from iqe.model.families import family_of
 
         if self.precision == "fp32":
             use_exact_fp32()
-        vision = cast_vision_fp16(self.model) if self.precision == "fp16" else self.model
-        return FusedGraph(self.model, vision)
+        graph, self.output_names = family_of(self.model).torch_graph(self.model, self.precision)
+        return graph
 
     def _activate(self) -> None:
         import torch
@@ -82,11 +82,9 @@ class TorchRunner(Runner):
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        from iqe.export.graphs import HEAD_OUTPUTS
-
         with torch.inference_mode():
             out = self.graph(torch.from_numpy(images).to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in zip(HEAD_OUTPUTS, out)}
+        return {k: v.float().cpu().numpy() for k, v in zip(self.output_names, out)}
 
 
 class TorchBackend(Backend):

@@ -216,17 +216,16 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> IQEMode
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from iqe.model.config import load_config
-    from iqe.model.iqe import IQEModel
-
     path = Path(path)
     _require_bundle(path)
-    cfg = load_config(path / CONFIG_NAME)
+    from iqe.model.families import create_model, load_model_config
+
+    cfg = load_model_config(path / CONFIG_NAME)  # any family (config.json's "family", default iqe-clip)
     try:
         state = load_file(str(path / WEIGHTS_NAME))
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path / WEIGHTS_NAME}: cannot read weights ({exc})") from None
-    model = IQEModel(cfg)
+    model = create_model(cfg)
     check_state_dict(model, state, str(path / WEIGHTS_NAME))
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -169,10 +169,14 @@ def load_config(name_or_path: str | Path) -> IQEConfig:
         if not preset.exists():
             raise InputError(f"unknown model preset '{text}'; known presets: {', '.join(list_presets())}")
         path = preset
+    return IQEConfig.from_dict(read_config_json(path))
+
+
+def read_config_json(path: Path) -> Any:
+    """JSON content of a config file (InputError for a missing file or invalid JSON)."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: no such config file") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON ({exc})") from None
-    return IQEConfig.from_dict(data)

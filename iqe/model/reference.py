@@ -78,19 +78,24 @@ def read_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         InputError: unreadable file or not the reference layout (names the missing entries).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read torch checkpoint ({exc})") from None
+    ckpt = load_torch_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise InputError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     missing = [k for k in _CKPT_REQUIRED if k not in ckpt]
     if missing:
         raise WeightsError(f"{path}: not an IQE-CLIP reference checkpoint; missing entries: {', '.join(missing)}")
     return ckpt
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """torch.load on CPU, tensors only (InputError for a missing or unreadable file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read torch checkpoint ({exc})") from None
 
 
 def resize_positional_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:

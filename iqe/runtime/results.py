@@ -38,7 +38,8 @@ import numpy as np
 from iqe.atomic import atomic_open, atomic_write_text, fsync_dir
 from iqe.errors import InputError
 
-SCORE_KEYS = ("score", "score_query", "score_text", "score_few", "map_max")
+SCORE_KEYS = ("score", "score_query", "score_text", "score_few", "map_max", "score_zero")
+BRANCH_MAP_KEYS = ("map_zero", "map_few")  # MVFA's raw per-branch maps, saved beside map/map_smooth
 RESULTS = "results.jsonl"
 RUN_RECORD = ".iqe-run.jsonl"
 RECORD_VERSION = 1
@@ -70,6 +71,7 @@ class ItemResult:
     map_smooth: np.ndarray | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    branch_maps: dict[str, np.ndarray] = field(default_factory=dict)  # BRANCH_MAP_KEYS the model returns
     image: np.ndarray | None = None
     file: str | None = None
     number: int | None = None
@@ -118,6 +120,8 @@ def write_results(out_dir: str | Path, results: list[ItemResult], save_maps: boo
         smooth = np.stack([s for _, s in pairs]).astype(np.float32) if pairs else maps.copy()
         with atomic_open(out_dir / "maps.npz") as fh:
             np.savez(fh, paths=np.array([r.path for r in ok], dtype=str), map=maps, map_smooth=smooth,
+                     **{k: np.stack([r.branch_maps[k] for r in ok]).astype(np.float32)
+                        for k in BRANCH_MAP_KEYS if ok and all(k in r.branch_maps for r in ok)},
                      failed=np.array([r.path for r in results if r.error is not None], dtype=str))
         written["maps"] = out_dir / "maps.npz"
     return written
@@ -313,7 +317,8 @@ class RunOutput:
         if self.save_maps and r.map is not None and r.map_smooth is not None:
             name = f"maps/{number:06d}.npz"
             with atomic_open(self.claim(name), durable=False) as fh:
-                np.savez(fh, map=np.asarray(r.map, np.float32), map_smooth=np.asarray(r.map_smooth, np.float32))
+                np.savez(fh, map=np.asarray(r.map, np.float32), map_smooth=np.asarray(r.map_smooth, np.float32),
+                         **{k: np.asarray(v, np.float32) for k, v in r.branch_maps.items()})
             r.files["maps"] = name
         if self.overlays and r.image is not None and r.map_smooth is not None:
             from iqe.runtime.overlay import overlay_name, save_overlay

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from iqe.errors import InferenceFailed, InputError
 from iqe.runtime.items import describe
-from iqe.runtime.results import SCORE_KEYS, ItemResult
+from iqe.runtime.results import BRANCH_MAP_KEYS, SCORE_KEYS, ItemResult
 from iqe.runtime.sources import SliceItem, Source, Window, check_windows, discover, iter_slices
 
 InferFn = Callable[[np.ndarray], dict[str, np.ndarray]]
@@ -207,6 +207,7 @@ def _score_stream(items: Iterable[SliceItem], infer: InferFn, batch_size: int, k
                     r.image = img
                 if not keep_maps:
                     r.map = r.map_smooth = None
+                    r.branch_maps = {}
         pending.clear()
         timings.infer += t1 - t0
         timings.post += time.perf_counter() - t1
@@ -263,6 +264,7 @@ def _infer_into(batch: list[tuple[ItemResult, np.ndarray]], infer: InferFn) -> N
         r.scores = scores[j]
         if "map" in out and "map_smooth" in out:
             r.map, r.map_smooth = np.asarray(out["map"][j]), np.asarray(out["map_smooth"][j])
+            r.branch_maps = {k: np.asarray(out[k][j]) for k in BRANCH_MAP_KEYS if k in out}
 
 
 def _partial_into(batch: list[tuple[ItemResult, np.ndarray]], failed: InferenceFailed) -> None:
@@ -276,6 +278,7 @@ def _partial_into(batch: list[tuple[ItemResult, np.ndarray]], failed: InferenceF
         r.scores = {k: float(out[k][j]) for k in SCORE_KEYS if k in out}
         if "map" in out and "map_smooth" in out:
             r.map, r.map_smooth = np.asarray(out["map"][j]), np.asarray(out["map_smooth"][j])
+            r.branch_maps = {k: np.asarray(out[k][j]) for k in BRANCH_MAP_KEYS if k in out}
 
 
 def score_inputs(
