@@ -62,7 +62,7 @@ class BundleRef:
     """Which bundle an engine directory's graphs were exported from."""
 
     bundle_sha256: str  # iqe.model.bundle.bundle_sha256: config.json + model.safetensors bytes
-    config_sha256: str  # IQEConfig.digest(): the architecture/preprocessing the graphs encode
+    config_sha256: str  # the family config's digest(): the architecture/preprocessing the graphs encode
     bundle: str = ""  # where it was read from (for messages only)
 
     @staticmethod

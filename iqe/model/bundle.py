@@ -95,10 +95,10 @@ def bundle_sha256(path: str | Path) -> str:
 
 def bundle_identity(path: str | Path) -> tuple[str, str]:
     """(bundle_sha256, config digest) of a bundle directory, without loading its weights."""
-    from iqe.model.config import load_config
+    from iqe.model.families import load_model_config
 
     path = Path(path)
-    return bundle_sha256(path), load_config(path / CONFIG_NAME).digest()
+    return bundle_sha256(path), load_model_config(path / CONFIG_NAME).digest()
 
 
 def occupied_by(target: Path) -> list[str]:
