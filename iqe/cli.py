@@ -161,8 +161,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import RESULTS, RunOutput
     from iqe.runtime.run import score_to_folder
 
-    if args.server is None and args.model is None:
-        raise InputError("no model: pass --model BUNDLE (env IQE_MODEL) or --server URL (env IQE_SERVER)")
     _quiet_dicom_warnings()
     # The output folder is checked (and a resume matched to its record) before any engine or inference.
     options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()) if args.model else None,
@@ -397,8 +395,12 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "cache", None) is not None:
         os.environ["IQE_CACHE"] = str(args.cache)
     if args.command == "score":
-        if args.model is None:
-            raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+        if args.server:  # a Triton server runs the model: its URL is checked now, no local bundle needed
+            from iqe.engine.triton_runner import parse_server_url
+
+            parse_server_url(args.server)
+        elif args.model is None:
+            raise InputError("no model: pass --model BUNDLE (env IQE_MODEL) or --server URL (env IQE_SERVER)")
         args.backend = args.backend or "torch"
         if args.compile:
             from iqe.engine.build import check_compile

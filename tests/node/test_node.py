@@ -227,7 +227,7 @@ def test_corrupt_and_non_image_objects_reported_others_unaffected(env, tmp_path)
     assert set(slices) == {(str(pydicom.dcmread(p).SOPInstanceUID), None) for p in (broken[0], broken[2])}
     report = json.loads((env["config"].parent / "spool" / "results" / f"{broken_study}.json").read_text())
     (entry,) = report["series"].values()
-    assert any("cannot decode pixel data" in e for e in entry["errors"]), entry["errors"]
+    assert any("file truncated?" in e for e in entry["errors"]), entry["errors"]  # the runtime names the short pixel data
     sr_study = str(pydicom.dcmread(sr).StudyInstanceUID)
     rejected = json.loads((env["config"].parent / "spool" / "results" / f"{sr_study}.json").read_text())["rejected"]
     assert rejected[0]["status"] == "0x0122" and "not an image the model scores" in rejected[0]["reason"]
