@@ -327,6 +327,11 @@ def _finish(out: Path, units: list[dict[str, Any]]) -> int:
             if unit in order and unit in done:  # units of other inputs, or cut short, stay out
                 rows.setdefault((order[unit], t["slice_no"][i]), {k: t[k][i] for k in _COLUMNS})
     ordered = [rows[k] for k in sorted(rows)]
+    for number, r in enumerate(ordered):  # actors number items per chunk; `iqe score` numbers the whole run
+        row = json.loads(r["row"])
+        if "item" in row:
+            row["item"] = number
+            r["row"] = json.dumps(row)
     missing = [u["unit"] for u in units if u["unit"] not in done]
     if missing:
         raise RuntimeError(f"bulk run incomplete: {len(missing)} units without results (first: {missing[0]}); "
