@@ -30,6 +30,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
+    "iqe.runtime.check",
 ]
 
 
@@ -62,6 +63,16 @@ def _existing(text: str) -> Path:
     return path
 
 
+def _export_options(p: argparse.ArgumentParser) -> None:
+    """Options of the export verification (iqe.export.fidelity), shared by `export` and `score`."""
+    p.add_argument("--calib", type=_existing, default=os.environ.get("IQE_CALIB"),
+                   help="folder of your own images for the FP16 policy sweep and verification (env IQE_CALIB); "
+                        "default: the synthetic set")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="multiplier >= 1 on the fidelity contract's limits (env IQE_TOLERANCE, default 1)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime verification of the exported graph")
+
+
 def _print(msg: str) -> None:
     print(msg, file=sys.stderr)
 
@@ -85,11 +96,15 @@ def cmd_import_reference(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a bundle to ONNX graphs (image encoder, text branch, head, fused), each verified."""
     from iqe.export.onnx_export import export_model
+    from iqe.export.precision import read_policy
     from iqe.model.bundle import load_bundle
 
-    info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet)
+    info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet,
+                        verify=not args.no_verify, calib=args.calib, calib_images=args.calib_images,
+                        tolerance=args.tolerance, policy=read_policy(args.policy) if args.policy else None)
     for g in info.graphs.values():
-        _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
+        if g.verify_max_abs is not None:
+            _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
     _print(f"wrote {len(info.graphs)} graphs to {args.out} in {info.export_seconds:.1f} s")
     return 0
 
@@ -101,6 +116,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     m = build(args.engine_dir, args.backend, args.precision, args.min_batch, args.opt_batch, args.max_batch)
     _print(f"built {m.backend} {m.backend_version} {m.precision} engine on {m.device} in {m.build_seconds:.1f} s "
            f"-> manifest.{m.backend}.{m.precision}.json")
+    from iqe.export.fidelity import drift_summary_line
+
+    _print(drift_summary_line(args.engine_dir, m.backend, m.precision))
     return 0
 
 
@@ -112,6 +130,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.model is None:
         raise InputError("no model: pass --model BUNDLE or set IQE_MODEL")
+    from iqe.export.fidelity import export_options_to_env, runner_drift_summary
+
+    export_options_to_env(args)  # --tolerance / --no-verify / --calib reach an on-demand export
     runner = make_runner(args.model, args.backend, args.precision, args.engine, progress=not args.quiet,
                          compile=args.compile)
     with runner:
@@ -119,6 +140,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
     written = write_results(args.out, results, args.save_maps)
+    runner_drift_summary(runner, args.out)  # the engine's drift summary -> results.meta.json
     from iqe.runtime.volumes import write_series_outputs
 
     for line in write_series_outputs(args.inputs, results, args.out, volumes=args.volumes):
@@ -216,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="engine directory to write")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--max-batch", type=_positive, default=32, help="largest batch engines are built for")
+    _export_options(p)
+    p.add_argument("--calib-images", type=_positive, default=None,
+                   help="verification/calibration images (default: 16 for fp32, 64 for fp16)")
+    p.add_argument("--policy", type=_existing, default=None,
+                   help="FP16 precision policy JSON to use instead of measuring one (verified all the same)")
 
     p = add("build", cmd_build)
     p.add_argument("engine_dir", type=_existing, help="directory written by `iqe export`")
@@ -244,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch backend: torch.compile the fused graph")
     p.add_argument("--engine", type=Path, default=None,
                    help="engine directory (default: exported and built on demand, cached by bundle content in IQE_CACHE)")
+    _export_options(p)
 
     p = add("train", cmd_train)
     p.add_argument("--data", type=_existing, required=True, help="BMAD root holding <Obj>_AD folders")

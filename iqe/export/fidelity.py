@@ -326,3 +326,51 @@ def _suggest_tolerance(c: Check, current: float) -> float:
         gap, allowed = 1.0 - c.value, 1.0 - c.limit
         need = current * gap / allowed if allowed > 0 else current * 10
     return float(np.ceil(max(need, current) * 1.05 * 100) / 100)
+
+
+# -- hooks for the CLI ---------------------------------------------------------------------------
+def drift_summary_line(engine_dir: str | Path, backend: str, precision: str) -> str:
+    """What `iqe build` prints about the engine's fidelity (the export's drift report)."""
+    rep = read_drift_report(engine_dir, backend, precision)
+    if rep is None and backend != "onnxruntime":
+        rep = read_drift_report(engine_dir, "onnxruntime", precision)
+        if rep is not None:
+            return f"{rep.summary_line()} (the exported graph in ONNX Runtime; this {backend} engine itself is not verified)"
+    if rep is None:
+        return f"no drift report for {precision} (exported with --no-verify); `iqe check` measures one"
+    return rep.summary_line()
+
+
+def export_options_to_env(args: Any) -> None:
+    """Pass `--tolerance/--no-verify/--calib` of `iqe score` to an export it triggers (env defaults)."""
+    import os
+
+    if getattr(args, "tolerance", None) is not None:
+        os.environ["IQE_TOLERANCE"] = str(args.tolerance)
+    if getattr(args, "no_verify", False):
+        os.environ["IQE_NO_VERIFY"] = "1"
+    if getattr(args, "calib", None) is not None:
+        os.environ["IQE_CALIB"] = str(args.calib)
+
+
+def runner_drift_summary(runner: Any, out_dir: str | Path) -> dict[str, Any] | None:
+    """Write the drift summary of the engine behind `runner` to `out_dir/results.meta.json`.
+
+    ONNX Runtime / TensorRT runners: the export's drift report next to the engine; torch
+    fp16: the emulated report of the bundle's policy; torch fp32 is the reference itself.
+    """
+    from iqe.atomic import atomic_write_text
+
+    graph = getattr(runner, "onnx_path", None) or getattr(runner, "plan_path", None)
+    summary: dict[str, Any] | None = None
+    if graph is not None:
+        precision = Path(graph).name.split(".")[1] if Path(graph).name.count(".") >= 2 else "fp32"
+        rep = read_drift_report(Path(graph).parent, "onnxruntime", precision)
+        summary = rep.summary() if rep is not None else {"verified": False}
+    elif getattr(runner, "precision", "fp32") == "fp16":
+        summary = {"note": "torch fp16 runs the bundle's measured FP16 policy (see iqe/export/precision.py)"}
+    else:
+        summary = {"reference": "torch fp32", "note": "the reference configuration"}
+    meta = {"backend": getattr(runner, "name", "?"), "drift": summary}
+    atomic_write_text(Path(out_dir) / "results.meta.json", json.dumps(meta, indent=2, default=_jsonable) + "\n")
+    return summary

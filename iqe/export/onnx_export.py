@@ -37,7 +37,14 @@ from iqe.export.graphs import (
     ImageEncoderGraph,
     TextBranchGraph,
 )
-from iqe.export.precision import PrecisionPolicy, PrecisionRefused, calibration_images, choose_fp16_policy, with_policy
+from iqe.export.precision import (
+    PrecisionPolicy,
+    PrecisionRefused,
+    apply_policy,
+    calibration_images,
+    choose_fp16_policy,
+    with_policy,
+)
 from iqe.model.iqe import IQEModel
 
 OPSET = 17  # LayerNormalization is a native op from 17 on (TensorRT parses it as one layer)
@@ -261,6 +268,10 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
 
                 path = write_drift_report(sweep_rep, out_dir, "sweep", precision)
                 raise PrecisionRefused(f"{refusal_message(sweep_rep)}\n  drift report: {path}")
+        if not policy.fp16_flop_fraction:
+            from iqe.export.precision import fp16_flop_fraction
+
+            policy.fp16_flop_fraction = round(fp16_flop_fraction(model.cfg, policy.blocks), 4)
         info.precision_policy = policy.to_dict()
         info.fp16_flop_fraction = policy.fp16_flop_fraction
         say(f"FP16 policy: {policy.describe()}", flush=True)
@@ -291,9 +302,23 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
         info.graphs[name] = gi
     if verify and "fused" in info.graphs:
         say(f"verify fused.{precision}.onnx on {len(images)} images against the float32 PyTorch model ...", flush=True)
+        reference = torch_outputs(model, images)
         rep = verify_graph(model, out_dir / info.graphs["fused"].file, precision, images, names, tolerance,
-                           labels=None)
+                           reference=reference)
         rep.notes.append(f"images: {source}")
+        if precision == "fp16":
+            # ONNX Runtime's CPU provider has no FP16 GEMM: it inserts casts to float32 and drops
+            # the FP16 rounding of the GEMM outputs, so it understates what CUDA / TensorRT compute.
+            # The same policy with FP16 rounding emulated in PyTorch (equal to real casts within
+            # float32 accumulation-order noise) rounds as a GPU does; it is judged too.
+            arith = compare(reference, torch_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images), precision, names, tolerance,
+                            noise_floor=rep.noise_floor)
+            for c in arith.checks:
+                c.output = f"{c.output} [fp16 arithmetic]"
+            rep.checks += arith.checks
+            rep.metrics.update({f"{k} [fp16 arithmetic]": v for k, v in arith.metrics.items()})
+            rep.notes.append("checks marked [fp16 arithmetic]: the policy with FP16 rounding in PyTorch "
+                             "(FP16 inputs and outputs, FP32 accumulation, as CUDA/TensorRT compute)")
         if policy is not None:
             rep.extra["policy"] = policy.to_dict()["blocks"]
             rep.extra["fp16_flop_fraction"] = policy.fp16_flop_fraction

@@ -375,6 +375,20 @@ def policy_for_model(model: nn.Module, calib_images: int = 64, log: Callable[[st
     return policy
 
 
+def read_policy(path: str | Path) -> PrecisionPolicy:
+    """A policy JSON: PrecisionPolicy.to_dict(), or an export record's `precision_policy`."""
+    from iqe.errors import InputError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable policy JSON ({exc})") from None
+    data = data.get("precision_policy") or data.get("policy") or data
+    if not isinstance(data, dict) or "blocks" not in data:
+        raise InputError(f"{path}: no precision policy in it (expected a 'blocks' mapping)")
+    return PrecisionPolicy.from_dict(data)
+
+
 def refusal_message(rep: DriftReport) -> str:
     lines = [f"--precision fp16 refused: no FP16 policy keeps this model within the fp16 contract on "
              f"{rep.images} calibration images (best candidate: {rep.summary_line()})"]
