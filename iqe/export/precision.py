@@ -261,13 +261,16 @@ def badness(report: DriftReport) -> float:
 
 def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | None = None,
                        tolerance: float = 1.0, threshold: tuple[str, float] | None = None, margin: float = 0.5,
-                       max_evaluations: int = 64, source: str = "", batch: int = 8,
+                       max_evaluations: int = 16, sensitivity_images: int = 8, source: str = "", batch: int = 8,
                        log: Callable[[str], None] | None = None) -> tuple[PrecisionPolicy | None, DriftReport]:
     """The FP16 policy with the most FP16 FLOPs that passes the fp16 gate on `images`.
 
     The sweep aims at `margin` x the limits (badness <= margin, default half the room), so
     that the real FP16 kernels of ONNX Runtime / TensorRT, which round slightly differently
-    from the emulation, still pass when the chosen graph is verified.
+    from the emulation, still pass when the chosen graph is verified. The per-block
+    sensitivity is ranked on the first `sensitivity_images` images only (a ranking, not a
+    verdict); every verdict uses all images, at most `max_evaluations` of them after the
+    first, so a ViT-L sweep costs tens of full passes, not hundreds.
 
     Returns:
         (policy, its emulated drift report), or (None, the drift report of the best
@@ -277,11 +280,12 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
     cfg = model.cfg
     layers = cfg.vision.layers
     ev = PolicyEvaluator(model, images, batch=batch)
-    ref = ev.reference
+    small = ev if sensitivity_images >= len(images) else PolicyEvaluator(model, images[:sensitivity_images], batch)
 
-    def judge(blocks: dict[int, list[str]]) -> DriftReport:
-        rep = compare(ref, ev.outputs(blocks), "fp16", names, tolerance, threshold=threshold,
-                      reference_name="torch fp32", candidate_name="torch fp16 (emulated)")
+    def judge(blocks: dict[int, list[str]], on: PolicyEvaluator = ev) -> DriftReport:
+        rep = compare(on.reference, on.outputs(blocks), "fp16", names[:len(on.reference["score"])] if names else None,
+                      tolerance, threshold=threshold, reference_name="torch fp32",
+                      candidate_name="torch fp16 (emulated)")
         rep.extra["fp16_flop_fraction"] = fp16_flop_fraction(cfg, blocks)
         return rep
 
@@ -297,14 +301,12 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
     else:
         best_rep = rep
         for b in range(1, layers + 1):
-            sensitivity[b] = badness(r := judge({b: list(FP16_OPS)}))
-            if sensitivity[b] < badness(best_rep):
-                best_rep = r
+            sensitivity[b] = badness(judge({b: list(FP16_OPS)}, on=small))
         order = sorted(sensitivity, key=lambda b: (sensitivity[b], b))
         log("per-block sensitivity: " + ", ".join(f"{b}:{sensitivity[b]:.2g}" for b in order))
         # Bisection: the longest prefix of `order` that passes (k blocks in FP16).
         lo, hi, lo_rep = 0, layers - 1, None  # the all-blocks case failed above
-        while lo < hi and ev.evaluations < max_evaluations:
+        while lo < hi and ev.evaluations <= max_evaluations:
             mid = (lo + hi + 1) // 2
             r = judge({b: list(FP16_OPS) for b in order[:mid]})
             if ok(r):
@@ -316,13 +318,14 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
         # Refinement: op classes of the remaining blocks, least sensitive first, MLP first.
         for b in order[lo:]:
             for ops in (list(MLP_OPS), ["qkv"], ["out_proj"], ["attn_v"]):
-                if ev.evaluations >= max_evaluations:
+                if ev.evaluations > max_evaluations:
                     break
                 trial = {**chosen, b: chosen.get(b, []) + ops}
                 r = judge(trial)
                 if ok(r):
                     chosen, chosen_rep = trial, r
         if chosen_rep is None:
+            best_rep = judge({order[0]: list(FP16_OPS)}) if ev.evaluations < max_evaluations + 1 else best_rep
             best_rep.notes.append("no FP16 policy passes: even the least sensitive block alone drifts too far")
             return None, best_rep
         log(f"chosen: {PrecisionPolicy(chosen, fp16_flop_fraction(cfg, chosen)).describe()}")
@@ -330,7 +333,8 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
         blocks={b: ops for b, ops in chosen.items() if ops},
         fp16_flop_fraction=round(fp16_flop_fraction(cfg, chosen), 4),
         calibration={"images": len(images), "source": source},
-        sweep={"evaluations": ev.evaluations, "margin": margin,
+        sweep={"evaluations": ev.evaluations, "sensitivity_evaluations": small.evaluations if small is not ev else 0,
+               "sensitivity_images": min(sensitivity_images, len(images)), "margin": margin,
                "sensitivity": {str(b): round(s, 4) for b, s in sensitivity.items()},
                "emulated": chosen_rep.summary()},
     )
