@@ -42,6 +42,7 @@ STAGE_COMMANDS: list[str] = [
     "iqe.export.triton",
     "iqe.runtime.bulk",
     "iqe.model.bank",
+    "iqe.runtime.check",
 ]
 
 
@@ -72,6 +73,16 @@ def _existing(text: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{path}: no such file or directory")
     return path
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    """Options of the export verification (iqe.export.fidelity), shared by `export` and `score`."""
+    p.add_argument("--calib", type=_existing, default=os.environ.get("IQE_CALIB"),
+                   help="folder of your own images for the FP16 policy sweep and verification (env IQE_CALIB); "
+                        "default: the synthetic set")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="multiplier >= 1 on the fidelity contract's limits (env IQE_TOLERANCE, default 1)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime verification of the exported graph")
 
 
 def _print(msg: str) -> None:
@@ -125,13 +136,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     ref = BundleRef.of_bundle(args.bundle)
     check_export_target(args.out, ref, args.force)
     from iqe.export.onnx_export import export_model
+    from iqe.export.precision import read_policy
     from iqe.model.bundle import load_bundle
 
-    info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet)
+    info = export_model(load_bundle(args.bundle), args.out, args.precision, args.max_batch, progress=not args.quiet,
+                        verify=not args.no_verify, calib=args.calib, calib_images=args.calib_images,
+                        tolerance=args.tolerance, policy=read_policy(args.policy) if args.policy else None)
     ref.write(args.out)
     _print(f"  bundle {short(ref.bundle_sha256)} recorded in {args.out / 'bundle.json'}")
     for g in info.graphs.values():
-        _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
+        if g.verify_max_abs is not None:
+            _print(f"  {g.file}: ORT vs torch max abs {g.verify_max_abs:.2e}")
     _print(f"wrote {len(info.graphs)} graphs to {args.out} in {info.export_seconds:.1f} s")
     return 0
 
@@ -143,6 +158,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     m = build(args.engine_dir, args.backend, args.precision, args.min_batch, args.opt_batch, args.max_batch)
     _print(f"built {m.backend} {m.backend_version} {m.precision} engine on {m.device} in {m.build_seconds:.1f} s "
            f"-> manifest.{m.backend}.{m.precision}.json")
+    from iqe.export.fidelity import drift_summary_line
+
+    _print(drift_summary_line(args.engine_dir, m.backend, m.precision))
     return 0
 
 
@@ -161,7 +179,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import RESULTS, RunOutput
     from iqe.runtime.run import score_to_folder
 
+    from iqe.export.fidelity import engine_drift_meta, export_options_to_env
+
     _quiet_dicom_warnings()
+    export_options_to_env(args)  # --tolerance / --no-verify / --calib reach an on-demand export
     # The output folder is checked (and a resume matched to its record) before any engine or inference.
     options = {"inputs": [str(p) for p in args.inputs], "model": str(Path(args.model).resolve()) if args.model else None,
                "server": args.server, "backend": args.backend, "precision": args.precision,
@@ -179,7 +200,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     with runner:
         batch = args.batch or runner.preferred_batch()
         report = score_to_folder(args.inputs, runner.infer, runner.image_size, output, batch_size=batch,
-                                 windows=dict(args.window or []), volumes=args.volumes, progress=not args.quiet)
+                                 windows=dict(args.window or []), volumes=args.volumes, progress=not args.quiet,
+                                 meta=engine_drift_meta(runner))  # the engine's drift summary -> results.meta.json
     for line in report.lines:
         _print(line)
     if args.quiet:
@@ -288,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--max-batch", type=_positive, default=32, help="largest batch engines are built for")
     p.add_argument("--force", action="store_true", help="re-export a folder that holds another bundle's engines")
+    _export_options(p)
+    p.add_argument("--calib-images", type=_positive, default=None,
+                   help="verification/calibration images (default: 16 for fp32, 64 for fp16)")
+    p.add_argument("--policy", type=_existing, default=None,
+                   help="FP16 precision policy JSON to use instead of measuring one (verified all the same)")
 
     p = add("build", cmd_build)
     p.add_argument("engine_dir", type=_existing, help="directory written by `iqe export`")
@@ -327,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=os.environ.get("IQE_SERVER"), metavar="URL",
                    help="infer on a Triton server (grpc://HOST:8001 or http://HOST:8000) serving `iqe export-triton` "
                         "output instead of a local engine (env IQE_SERVER)")
+    _export_options(p)
 
     p = add("train", cmd_train)
     p.add_argument("--data", type=_existing, required=True, help="BMAD root holding <Obj>_AD folders")

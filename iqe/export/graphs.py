@@ -8,24 +8,19 @@ Design choices made for deployment:
 - The head runs the IQM once over all tapped layers (layers folded into the batch).
 - `map_smooth` is scipy's gaussian_filter as two separable 1-D convolutions with
   half-sample symmetric ("reflect" in scipy's naming) padding, radius int(4 sigma + 0.5).
-- FP16 (`precision="fp16"`) applies to the vision encoder only, which holds ~95% of the
-  FLOPs (ViT-L/14 @240: ~175 GFLOP/image vs ~6 for IQM + text); LayerNorm statistics and
-  attention softmax stay float32 inside it (the fp32-computing LayerNorm and softmax of
-  `iqe.model.layers`), its outputs are cast to float32, and the text branch and head
-  (normalisations, exp(prompt_temp) logits, softmaxes, maps) run in float32. Masks are
-  built in the compute dtype (`causal_mask`), never as float32's minimum.
+- FP16 (`precision="fp16"`) follows the bundle's precision policy (iqe.export.precision):
+  FP16 GEMMs (FP32 accumulation) in the vision blocks the policy names, everything else
+  float32 — residual stream, LayerNorm, attention logits and softmax, the text branch and
+  head (normalisations, exp(prompt_temp) logits, softmaxes, maps).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from iqe.model.iqe import IQEModel
-from iqe.model.layers import LayerNormFp32
 
 HEAD_OUTPUTS = ("score", "score_query", "score_text", "score_few", "map", "map_query", "map_text", "map_smooth",
                 "map_max")
@@ -55,14 +50,16 @@ def gaussian_smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return x[:, 0]
 
 
-def cast_vision_fp16(model: IQEModel) -> IQEModel:
-    """A copy of `model` whose vision encoder computes in FP16 (LayerNorm params stay FP32)."""
-    model = copy.deepcopy(model)
-    model.visual.half()
-    for module in model.visual.modules():
-        if isinstance(module, LayerNormFp32):
-            module.float()
-    return model
+def cast_vision_fp16(model: IQEModel, policy=None) -> IQEModel:
+    """A copy of `model` whose vision blocks run the bundle's FP16 precision policy.
+
+    `policy`: an `iqe.export.precision.PrecisionPolicy`; None measures (or reads from the
+    cache) the policy of these weights (`policy_for_model`). Raises PrecisionRefused when
+    no FP16 policy keeps the model within the fp16 fidelity contract.
+    """
+    from iqe.export.precision import policy_for_model, with_policy
+
+    return with_policy(model, policy if policy is not None else policy_for_model(model, log=print))
 
 
 class ImageEncoderGraph(nn.Module):

@@ -9,6 +9,7 @@ folder's contract and `iqe.runtime.scoring.score_stream` for the loop.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 import threading
@@ -19,9 +20,12 @@ from types import FrameType
 
 from tqdm import tqdm
 
+from iqe.atomic import atomic_write_text
 from iqe.runtime.results import RunOutput
 from iqe.runtime.scoring import InferFn, iter_input_items, score_stream
 from iqe.runtime.transforms import Window
+
+META = "results.meta.json"  # the engine behind the run: backend, drift summary (iqe.export.fidelity)
 
 
 @dataclass
@@ -78,7 +82,7 @@ def stop_on_signals() -> Iterator[_StopRequest]:
 
 def score_to_folder(inputs: list[str | Path], infer: InferFn, image_size: int, output: RunOutput, *,
                     batch_size: int = 8, windows: Mapping[str, Window] | None = None, volumes: bool = False,
-                    progress: bool = True) -> RunReport:
+                    progress: bool = True, meta: dict | None = None) -> RunReport:
     """Score `inputs` into `output` (already checked, not yet opened), batch by batch.
 
     Args:
@@ -90,6 +94,8 @@ def score_to_folder(inputs: list[str | Path], infer: InferFn, image_size: int, o
         windows: intensity window overrides.
         volumes: write NIfTI anomaly volumes at the end (needs ``output.save_maps``).
         progress: progress bar on stderr.
+        meta: written as ``results.meta.json`` (the engine's identity and drift summary), a
+            file of the run's record like every other.
 
     Returns:
         The run's `RunReport`.
@@ -101,6 +107,8 @@ def score_to_folder(inputs: list[str | Path], infer: InferFn, image_size: int, o
     report = RunReport()
     with stop_on_signals() as stop, output:
         report.resumed = output.rows_kept
+        if meta is not None:
+            atomic_write_text(output.claim(META), json.dumps(meta, indent=2) + "\n")
         stream = score_stream(items, infer, batch_size, keep_maps=output.save_maps or output.overlays,
                               keep_images=output.overlays,
                               skip=output.done, stop=stop.requested)
