@@ -30,6 +30,7 @@ DEMO_BUNDLE = Path(__file__).parent / "data" / "demo_bundle"
 # Subcommands that live with their stage: each module has `register(add)`, where `add(name, fn)`
 # returns the subparser (see build_parser). Modules must import lightly (heavy imports inside fn).
 STAGE_COMMANDS: list[str] = [
+    "iqe.calibration.cli",
 ]
 
 
@@ -118,6 +119,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         results = score_inputs(args.inputs, runner.infer, runner.image_size, args.batch,
                                keep_maps=args.save_maps or args.overlays or args.volumes, keep_images=args.overlays,
                                windows=dict(args.window or []), progress=not args.quiet)
+    from iqe.calibration import annotate_results  # calibrated_score / decision when the bundle has calibration.json
+
+    annotate_results(results, args.model)
     written = write_results(args.out, results, args.save_maps)
     from iqe.runtime.volumes import write_series_outputs
 
