@@ -115,11 +115,11 @@ def annotate(row: dict[str, Any], calibration: dict | None, target: str | None =
         **row,
         "calibrated_score": float(apply_normalisation(entry["normalisation"], float(raw))),
         "decision": "abnormal" if raw >= entry["threshold"] else "normal",
-        "operating_point": operating_point(entry),
+        "operating_point": operating_point_of(entry),
     }
 
 
-def operating_point(entry: dict) -> dict[str, Any]:
+def operating_point_of(entry: dict) -> dict[str, Any]:
     """The compact description of an entry that travels with every decision."""
     return {
         "threshold": entry["threshold"],
