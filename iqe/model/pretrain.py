@@ -43,11 +43,13 @@ from iqe.model.synth import synth_image
 @dataclass
 class PretrainOptions:
     images: int = 1024  # synthetic Brain images drawn once and cycled (half with lesions)
-    steps: int = 500  # optimizer steps
-    batch_size: int = 16
-    lr: float = 1e-3  # AdamW, cosine decay to 5 %
+    steps: int = 1200  # optimizer steps
+    batch_size: int = 12
+    lr: float = 2e-3  # AdamW peak: linear warm-up, then cosine decay to 5 %
+    warmup_steps: int = 40
     weight_decay: float = 0.05
     patch_weight: float = 1.0  # patch-level loss relative to the image-level one
+    deep_weighting: bool = False  # patch loss weights 1:2:3:4 over the tapped blocks (else equal)
     seed: int = 2  # seed space of the drawn images (the demo's data uses 0, IQE training 1)
 
 
@@ -88,7 +90,8 @@ def _patch_targets(masks: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
 
 
 def pretrain_loss(model: IQEModel, logit_scale: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                  masks: torch.Tensor, patch_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+                  masks: torch.Tensor, patch_weight: float, deep_weighting: bool = False
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Image-level + patch-level image-text loss (see the module docstring)."""
     visual = model.visual
     text = encode_prompts(model)  # [2, E]
@@ -100,11 +103,14 @@ def pretrain_loss(model: IQEModel, logit_scale: torch.Tensor, images: torch.Tens
     lesion = target > 0
     weight = torch.where(lesion, 0.5 / lesion.sum().clamp(min=1), 0.5 / (~lesion).sum().clamp(min=1))
     patch_loss = images.new_zeros(())
-    for tokens in taps:
+    # Deeper blocks weigh more when asked: the first block alone can only classify pixels locally.
+    layer_w = np.arange(1, len(taps) + 1, dtype=np.float64) if deep_weighting else np.ones(len(taps))
+    layer_w = layer_w / layer_w.sum()
+    for lw, tokens in zip(layer_w, taps):
         emb = F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)  # [B, L, E]
         logp = (scale * emb @ text.T).log_softmax(dim=-1)  # [B, L, 2]
         ce = -((1 - target) * logp[..., 0] + target * logp[..., 1])
-        patch_loss = patch_loss + (weight * ce).sum() / len(taps)
+        patch_loss = patch_loss + float(lw) * (weight * ce).sum()
     loss = image_loss + patch_weight * patch_loss
     return loss, {"image": float(image_loss.detach()), "patch": float(patch_loss.detach())}
 
@@ -115,8 +121,13 @@ def pretrain_towers(model: IQEModel, opts: PretrainOptions, progress: bool = Tru
     params = list(model.visual.parameters()) + list(model.text.parameters())
     logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
     optimizer = torch.optim.AdamW([*params, logit_scale], lr=opts.lr, weight_decay=opts.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s / max(opts.steps, 1), 1.0))))
+    def lr_factor(step: int) -> float:
+        if step < opts.warmup_steps:
+            return (step + 1) / opts.warmup_steps
+        done = (step - opts.warmup_steps) / max(opts.steps - opts.warmup_steps, 1)
+        return 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(done, 1.0)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(opts.seed)
     model.train()
     log, window = [], []
@@ -130,7 +141,8 @@ def pretrain_towers(model: IQEModel, opts: PretrainOptions, progress: bool = Tru
         x, m = torch.rot90(x, k, dims=(-2, -1)), torch.rot90(m, k, dims=(-2, -1))
         if bool(torch.randint(0, 2, (1,), generator=generator)):
             x, m = x.flip(-1), m.flip(-1)
-        loss, parts = pretrain_loss(model, logit_scale, x.contiguous(), torch.from_numpy(labels[idx]), m, opts.patch_weight)
+        loss, parts = pretrain_loss(model, logit_scale, x.contiguous(), torch.from_numpy(labels[idx]), m,
+                                    opts.patch_weight, opts.deep_weighting)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -188,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=PretrainOptions.images)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--shots", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=PretrainOptions.lr, help="pretraining peak learning rate")
+    parser.add_argument("--deep-weighting", action="store_true", help="weigh deeper blocks more in the patch loss")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    result = build_demo_bundle(args.out, args.work, PretrainOptions(steps=args.steps, images=args.images),
+    result = build_demo_bundle(args.out, args.work, PretrainOptions(steps=args.steps, images=args.images, lr=args.lr,
+                                                                          deep_weighting=args.deep_weighting),
                                epochs=args.epochs, shots=args.shots, progress=not args.quiet)
     print(json.dumps(result, indent=2))
     return 0

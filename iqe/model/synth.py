@@ -47,8 +47,8 @@ REFERENCE_SIZE = 240  # lesion radii and noise scales are stated at this side le
 LESION_RADIUS = (12.0, 34.0)  # px at REFERENCE_SIZE
 LESION_CONTRAST = (55.0, 85.0)  # lesion level minus the tissue mean under it; texture spans about +-25
 # Brain lesions vary more (size, contrast, polarity, shape) so the demo's scores spread.
-BRAIN_LESION_RADIUS = (7.0, 30.0)
-BRAIN_LESION_CONTRAST = (40.0, 90.0)
+BRAIN_LESION_RADIUS = (8.0, 30.0)
+BRAIN_LESION_CONTRAST = (50.0, 100.0)
 MNI_SLICES = Path(iqe.__file__).parent / "data" / "mni152_slices.npz"
 MNI_PARENCHYMA = 128  # grey + white matter probability (0..255 each) above which a pixel is brain tissue
 MIN_LESION_AREA = 40.0  # px at REFERENCE_SIZE: a lesion clipped to the organ must stay a blob
@@ -399,7 +399,7 @@ def synth_image(
     if not abnormal:
         mask = None
     elif obj == "Brain":
-        mask = _add_lesions(rng, img, region, BRAIN_LESION_RADIUS, BRAIN_LESION_CONTRAST, dark_fraction=0.3,
+        mask = _add_lesions(rng, img, region, BRAIN_LESION_RADIUS, BRAIN_LESION_CONTRAST, dark_fraction=0.25,
                             min_aspect=0.4, max_lobe=0.2, level_from_ring=True)
     else:
         mask = _add_lesions(rng, img, region)
