@@ -34,7 +34,7 @@ def test_losses_against_hand_computation():
 
 @pytest.mark.slow
 def test_short_training_learns_lesions_and_resumes(tmp_path):
-    data = write_synthetic_bmad(tmp_path / "data", seed=0)
+    data = write_synthetic_bmad(tmp_path / "data", objects=("Brain",), seed=0)
     torch.manual_seed(42)
     model = IQEModel(load_config("tiny"))
     opts = TrainOptions(data=str(data), target="Brain", setting="few", shots=8, epochs=8, lr=1e-2, seed=42)
