@@ -43,6 +43,7 @@ STAGE_COMMANDS: list[str] = [
     "iqe.runtime.bulk",
     "iqe.model.bank",
     "iqe.runtime.check",
+    "iqe.calibration.cli",
 ]
 
 
@@ -179,6 +180,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from iqe.runtime.results import RESULTS, RunOutput
     from iqe.runtime.run import score_to_folder
 
+    from iqe.calibration import calibration_hook
     from iqe.export.fidelity import engine_drift_meta, export_options_to_env
 
     _quiet_dicom_warnings()
@@ -189,7 +191,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                "window": sorted(args.window or []), "save_maps": args.save_maps, "overlays": args.overlays,
                "volumes": args.volumes}
     output = RunOutput(args.out, options, resume=args.resume, save_maps=args.save_maps or args.volumes,
-                       overlays=args.overlays)
+                       overlays=args.overlays, annotate=calibration_hook(args.model))
     if args.server:  # a Triton server runs the model (iqe.export.triton); files are read here
         from iqe.engine.triton_runner import TritonRunner
 

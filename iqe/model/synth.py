@@ -1,11 +1,14 @@
 """A small synthetic data set in the BMAD folder layout, for tests and the demo.
 
-Each object gets an organ-like grayscale image (Brain: skull ring around a textured
-interior; Liver: a lobed blob in the abdomen; Retina: curved layered bands; Chest: two
+Each object gets an organ-like grayscale image (Brain: an axial slice of the MNI152
+ICBM 2009a T1 template -- real anatomy, shipped as a small derived array in
+``iqe/data/mni152_slices.npz``, see ``iqe/data/MNI152_LICENSE.txt`` -- resampled with a
+random pose, intensity curve and bias field; Liver: a lobed blob in the abdomen; Retina: curved layered bands; Chest: two
 dark lungs beside a bright mediastinum; Histopathology: nuclei on a bright background)
 with per-image jitter of shape and intensity, a smooth intensity field and mild noise.
 Abnormal (``Ungood``) images carry 1-3 bright or dark irregular lesions inside the
-organ; their masks mark exactly the changed pixels. Every image draws from its own RNG,
+organ (Brain: inside the grey/white matter, of widely varied size, contrast and shape);
+their masks mark exactly the changed pixels. Every image draws from its own RNG,
 seeded by (seed, object, split, class, index), so a file does not change when the
 counts of other splits or objects change.
 
@@ -25,6 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+import iqe
+
 from iqe.errors import InputError
 from iqe.model.data import (
     ABNORMAL_DIR,
@@ -41,6 +46,11 @@ DEFAULT_COUNTS = {"train": 8, "valid": 8, "test": 12}  # images per class (good 
 REFERENCE_SIZE = 240  # lesion radii and noise scales are stated at this side length
 LESION_RADIUS = (12.0, 34.0)  # px at REFERENCE_SIZE
 LESION_CONTRAST = (55.0, 85.0)  # lesion level minus the tissue mean under it; texture spans about +-25
+# Brain lesions vary more (size, contrast, polarity, shape) so the demo's scores spread.
+BRAIN_LESION_RADIUS = (8.0, 30.0)
+BRAIN_LESION_CONTRAST = (50.0, 100.0)
+MNI_SLICES = Path(iqe.__file__).parent / "data" / "mni152_slices.npz"
+MNI_PARENCHYMA = 128  # grey + white matter probability (0..255 each) above which a pixel is brain tissue
 MIN_LESION_AREA = 40.0  # px at REFERENCE_SIZE: a lesion clipped to the organ must stay a blob
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
@@ -148,22 +158,70 @@ def _fixed_ellipse(size: int, centre: tuple[float, float], radii: tuple[float, f
     return inside
 
 
+@functools.lru_cache(maxsize=1)
+def _mni_slices() -> tuple[np.ndarray, np.ndarray]:
+    """(t1 [N, H, W] float32 0..255, parenchyma [N, H, W] float32 0/1), read-only."""
+    with np.load(MNI_SLICES) as f:
+        t1 = f["t1"].astype(np.float32)
+        tissue = np.unpackbits(f["parenchyma"], axis=-1, count=t1.shape[-1]).astype(np.float32)
+    t1.flags.writeable = False
+    tissue.flags.writeable = False
+    return t1, tissue
+
+
+def derive_mni_slices(t1_nifti: str | Path, gm_nifti: str | Path, wm_nifti: str | Path, out: str | Path = MNI_SLICES,
+                      z_range: tuple[int, int, int] = (45, 131, 5)) -> Path:
+    """Write the packaged anatomy array from the ICBM 2009a templates (how the shipped file was made).
+
+    The inputs are nilearn's copies (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``,
+    1 mm, RAS). Axial slices ``range(*z_range)`` are turned to display orientation (anterior up),
+    cropped to the brain's bounding box and stored as uint8 T1 plus a packed bit mask of
+    grey + white matter.
+    """
+    import nibabel as nib
+
+    t1, gm, wm = (np.asarray(nib.load(str(p)).dataobj) for p in (t1_nifti, gm_nifti, wm_nifti))
+    zs = list(range(*z_range))
+    slices = np.stack([t1[:, :, z].T[::-1] for z in zs])
+    tissue = np.stack([(gm[:, :, z].astype(np.int32) + wm[:, :, z] > MNI_PARENCHYMA).T[::-1] for z in zs])
+    head = (slices > 10).any(axis=0)
+    ys, xs = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    crop = (slice(None), slice(max(ys[0] - 2, 0), ys[-1] + 3), slice(max(xs[0] - 2, 0), xs[-1] + 3))
+    out = Path(out)
+    np.savez_compressed(out, t1=np.clip(slices[crop], 0, 255).astype(np.uint8),
+                        parenchyma=np.packbits(tissue[crop], axis=-1), z=np.array(zs))
+    return out
+
+
 def _brain(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Axial MRI look: bright skull ring, thin dark CSF gap, textured parenchyma."""
-    r = _ellipse_map(
-        size,
-        (size * (0.5 + rng.uniform(-0.03, 0.03)), size * (0.5 + rng.uniform(-0.03, 0.03))),
-        (size * rng.uniform(0.39, 0.44), size * rng.uniform(0.31, 0.36)),
-        rng.uniform(-0.15, 0.15),
-    )
-    texture = _smooth_noise(rng, size, max(4, size // 12))
-    field = _smooth_noise(rng, size, 4)
-    img = np.full((size, size), 8.0, dtype=np.float32)
-    interior = r < 0.94
-    img[interior] = (rng.uniform(95, 120) + 12 * field + 14 * texture)[interior]
-    skull = (r >= 0.96) & (r < 1.06)
-    img[skull] = rng.uniform(200, 225) + 8 * field[skull]
-    return img, r < 0.8
+    """Axial T1 MRI: a template slice (interpolated between two stored ones) in a random pose.
+
+    Subject-like variation: rotation +-12 deg, scale, shift, a gamma curve, a smooth bias field,
+    fine texture. The lesion region is grey/white matter away from the brain's edge.
+    """
+    t1, tissue = _mni_slices()
+    n, h, w = t1.shape
+    pos = rng.uniform(0, n - 1)
+    i, frac = int(pos), np.float32(pos - int(pos))
+    j = min(i + 1, n - 1)
+    src = (1 - frac) * t1[i] + frac * t1[j]
+    src_tissue = (1 - frac) * tissue[i] + frac * tissue[j]
+    # Output pixel (r, c) -> source (y, x): rotate and scale about the centres.
+    scale = rng.uniform(0.78, 0.92) * size / max(h, w)
+    angle = rng.uniform(-0.21, 0.21)
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.array([[c, -s], [s, c]]) / scale
+    shift = rng.uniform(-0.04, 0.04, size=2) * size
+    offset = np.array([h / 2, w / 2]) - matrix @ (np.array([size / 2, size / 2]) + shift)
+    img = ndimage.affine_transform(src, matrix, offset, output_shape=(size, size), order=1, cval=0.0)
+    region = ndimage.affine_transform(src_tissue, matrix, offset, output_shape=(size, size), order=1, cval=0.0) > 0.5
+    region = ndimage.binary_erosion(region, iterations=max(1, size // 80))
+    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** np.float32(rng.uniform(0.8, 1.25))
+    brain = img > 8
+    field = 1 + np.float32(0.08) * _smooth_noise(rng, size, 4)
+    texture = _smooth_noise(rng, size, max(4, size // 10))
+    img = np.where(brain, img * field + 5 * texture, img).astype(np.float32)
+    return img, region
 
 
 def _liver(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +313,18 @@ ORGANS: dict[str, Organ] = {
 }
 
 
-def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Paint 1-3 non-touching lesions inside `region` in place; return their mask (bool)."""
+def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray,
+                 radius_range: tuple[float, float] = LESION_RADIUS,
+                 contrast_range: tuple[float, float] = LESION_CONTRAST, dark_fraction: float = 0.0,
+                 min_aspect: float = 0.6, max_lobe: float = 0.12, level_from_ring: bool = False) -> np.ndarray:
+    """Paint 1-3 non-touching lesions inside `region` in place; return their mask (bool).
+
+    Radii (px at REFERENCE_SIZE) and contrasts are drawn per lesion from the ranges; a
+    `dark_fraction` of them are hypointense where the intensity range allows it. Shapes:
+    ellipses with axis ratio in [min_aspect, 1] and lobed outlines up to `max_lobe`.
+    `level_from_ring`: the contrast is relative to a 3 px ring around the lesion instead of
+    the tissue it replaces.
+    """
     size = img.shape[0]
     scale = size / REFERENCE_SIZE
     centres = np.flatnonzero(region)
@@ -269,16 +337,16 @@ def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) 
         if placed == wanted:
             break
         cy, cx = divmod(int(rng.choice(centres)), size)
-        radius = rng.uniform(*LESION_RADIUS) * scale
+        radius = rng.uniform(*radius_range) * scale
         reach = int(np.ceil(radius * 1.5)) + 2
         y0, y1, x0, x1 = max(cy - reach, 0), min(cy + reach, size), max(cx - reach, 0), min(cx + reach, size)
         r = _ellipse_radius(
             yy[y0:y1, x0:x1],
             xx[y0:y1, x0:x1],
             (cy, cx),
-            (radius * rng.uniform(0.6, 1.0), radius),
+            (radius * rng.uniform(min_aspect, 1.0), radius),
             rng.uniform(0, np.pi),
-            _draw_lobes(rng, (3, 5), (0.04, 0.12)),
+            _draw_lobes(rng, (3, 5), (0.04, max_lobe)),
         )
         # Clipping to a non-convex organ (lungs) can split a lesion: keep the part at its centre.
         pieces, _ = ndimage.label((r < 1) & region[y0:y1, x0:x1], structure=_EIGHT_NEIGHBOURS)
@@ -288,8 +356,13 @@ def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray) 
             continue
         patch = img[y0:y1, x0:x1]
         base = float(patch[blob].mean())
+        if level_from_ring:  # contrast against what surrounds the lesion (tissue varies a lot across a brain)
+            ring = ndimage.binary_dilation(blob, iterations=3) & ~blob
+            base = float(patch[ring].mean()) if ring.any() else base
         # Hyperintense, like most lesions on the MRI/CT windows the demo mimics; dark only without headroom.
-        delta = rng.uniform(*LESION_CONTRAST)
+        delta = rng.uniform(*contrast_range)
+        if dark_fraction and rng.uniform() < dark_fraction:  # no extra draw otherwise: keeps other organs' files
+            delta = -delta
         if not 20 <= base + delta <= 235:  # no headroom on this side: flip instead of clipping
             delta = -delta
         # A lesion replaces tissue: a level of its own, keeping a trace of the texture under it
@@ -323,7 +396,13 @@ def synth_image(
     img, region = ORGANS[obj](rng, size)
     img *= np.float32(rng.uniform(0.92, 1.08))
     img += np.float32(rng.uniform(-6, 6))
-    mask = _add_lesions(rng, img, region) if abnormal else None
+    if not abnormal:
+        mask = None
+    elif obj == "Brain":
+        mask = _add_lesions(rng, img, region, BRAIN_LESION_RADIUS, BRAIN_LESION_CONTRAST, dark_fraction=0.25,
+                            min_aspect=0.4, max_lobe=0.2, level_from_ring=True)
+    else:
+        mask = _add_lesions(rng, img, region)
     img += np.float32(rng.uniform(2.5, 5.0)) * rng.standard_normal(img.shape, dtype=np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return image, None if mask is None else mask.astype(np.uint8) * 255

@@ -82,6 +82,7 @@ class SeriesScorer:
         from iqe.engine.build import bundle_key, make_runner
 
         self._batch = model.batch
+        self._bundle = Path(model.bundle)
         self._runner = make_runner(model.bundle, model.backend, model.precision, model.engine, progress=False)
         self._runner.__enter__()
         import numpy as np
@@ -98,8 +99,11 @@ class SeriesScorer:
         """Score every instance in `folder` (one series) as `iqe score folder` would."""
         from iqe.runtime.scoring import score_inputs
 
+        from iqe.calibration import annotate_results
+
         results = score_inputs([folder], self._runner.infer, self._runner.image_size, self._batch,
                                keep_maps=True, keep_images=True, progress=False)
+        annotate_results(results, self._bundle)  # decision + operating point when the bundle is calibrated
         return summarize(results)
 
     def close(self) -> None:
