@@ -7,6 +7,7 @@
 //   iqe-native version
 //
 // Writes the same results.jsonl (and maps.npz with --save-maps) as `iqe score`.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -28,13 +29,14 @@ const char* kUsage =
     "                        [--backend onnxruntime|tensorrt (default onnxruntime)] [--precision fp32|fp16 (default fp32)]\n"
     "                        [--window MODALITY=C,W | C,W]... [--threads N (default: all CPUs)] [--quiet]\n"
     "       iqe-native preprocess INPUT... --out DIR [--size N (default 240)] [--window ...]\n"
+    "       iqe-native bench ENGINE_DIR INPUT... [--repeat N (default 10)] [--batch N] [--threads N]\n"
     "       iqe-native version\n";
 
 struct Args {
     std::vector<std::string> positional;
     std::string out;
     bool save_maps = false, quiet = false;
-    int batch = 8, threads = 0, size = 240;
+    int batch = 8, threads = 0, size = 240, repeat = 10;
     std::string backend = "onnxruntime", precision = "fp32";
     iqe::WindowOverrides windows;
 };
@@ -46,7 +48,7 @@ int to_int(const std::string& flag, const std::string& v) {
     return int(n);
 }
 
-Args parse(int argc, char** argv, int first) {
+Args parse(int argc, char** argv, int first, bool needs_out = true) {
     Args a;
     for (int i = first; i < argc; ++i) {
         std::string s = argv[i];
@@ -60,6 +62,7 @@ Args parse(int argc, char** argv, int first) {
         else if (s == "--batch") a.batch = to_int(s, value());
         else if (s == "--threads") a.threads = to_int(s, value());
         else if (s == "--size") a.size = to_int(s, value());
+        else if (s == "--repeat") a.repeat = to_int(s, value());
         else if (s == "--backend") a.backend = value();
         else if (s == "--precision") a.precision = value();
         else if (s == "--window") {
@@ -69,7 +72,7 @@ Args parse(int argc, char** argv, int first) {
         else if (s.rfind("--", 0) == 0) throw iqe::InputError("unrecognized argument: " + s);
         else a.positional.push_back(s);
     }
-    if (a.out.empty()) throw iqe::InputError("the following arguments are required: --out");
+    if (needs_out && a.out.empty()) throw iqe::InputError("the following arguments are required: --out");
     return a;
 }
 
@@ -143,6 +146,33 @@ int cmd_preprocess(const Args& a) {
     return 0;
 }
 
+// Warm timings for benchmarks/native_vs_python.py: the engine is loaded once, then the
+// inputs are scored --repeat times (discovery, decoding, preprocessing, inference each
+// time). Prints one JSON object: load_s, runs_s [...], items.
+int cmd_bench(const Args& a) {
+    if (a.positional.size() < 2) throw iqe::InputError("the following arguments are required: ENGINE_DIR INPUT...");
+    using clock = std::chrono::steady_clock;
+    auto t0 = clock::now();
+    iqe::EngineOptions eo;
+    eo.backend = a.backend;
+    eo.precision = a.precision;
+    eo.threads = a.threads;
+    iqe::Engine engine(a.positional[0], eo);
+    const double load_s = std::chrono::duration<double>(clock::now() - t0).count();
+    iqe::ScoreOptions so;
+    so.batch = a.batch;
+    std::vector<std::string> inputs(a.positional.begin() + 1, a.positional.end());
+    std::string runs;
+    std::size_t items = 0;
+    for (int i = 0; i < a.repeat; ++i) {
+        auto t = clock::now();
+        items = iqe::score_inputs(engine, inputs, so).size();
+        runs += (i ? ", " : "") + iqe::py_float(std::chrono::duration<double>(clock::now() - t).count());
+    }
+    std::printf("{\"load_s\": %s, \"runs_s\": [%s], \"items\": %zu}\n", iqe::py_float(load_s).c_str(), runs.c_str(), items);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -159,6 +189,7 @@ int main(int argc, char** argv) {
         }
         if (command == "score") return cmd_score(parse(argc, argv, 2));
         if (command == "preprocess") return cmd_preprocess(parse(argc, argv, 2));
+        if (command == "bench") return cmd_bench(parse(argc, argv, 2, false));
         std::fputs(kUsage, stderr);
         return 2;
     } catch (const iqe::InputError& e) {
