@@ -194,3 +194,32 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
     x = hu
     lin = np.where(x <= 60 - 0.5 - 299 / 2, 0, np.where(x > 60 - 0.5 + 299 / 2, 255, ((x - 59.5) / 299 + 0.5) * 255))
     assert np.abs(by_name["ct_file_window.dcm"]["display"] - np.rint(lin)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
+                                  "MR_small_implicit.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "SC_rgb_small_odd.dcm"])
+def test_dicom_transfer_syntaxes_equal_python(native_bin, tmp_path, name):
+    """DCMTK's decoders (RLE, JPEG-LS, lossless-reconstructed colour JPEG) and encodings give Python's input."""
+    path = get_testdata_file(name)
+    native = preprocess_native(native_bin, [path], tmp_path / "out")
+    python = python_items([path])
+    assert [i["key"] for i in native] == [i.key for i in python]
+    for n, p in zip(native, python):
+        assert n["error"] is None and p.error is None, (n["error"], p.error)
+        assert np.abs(n["image"] - p.image).max() <= LEVEL + 1e-6
+
+
+def test_truncated_images_name_the_item_like_python(native_bin, tmp_path):
+    """The reason after the prefix is the decoder's own (PIL's vs libpng's/libjpeg's wording)."""
+    image = np.random.default_rng(5).integers(0, 256, (100, 120), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "ok.png")
+    Image.fromarray(image).save(tmp_path / "ok.jpg")
+    for name in ("ok.png", "ok.jpg"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+    inputs = [tmp_path / "cut_ok.png", tmp_path / "cut_ok.jpg"]
+    native = preprocess_native(native_bin, inputs, tmp_path / "out")
+    for n, p in zip(native, python_items(inputs)):
+        prefix = f"{n['key']}: cannot decode image ("
+        assert n["error"].startswith(prefix) and p.error.startswith(prefix), (n["error"], p.error)
