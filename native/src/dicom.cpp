@@ -2,6 +2,8 @@
 // _dicom_display_input, _file_voi, _dicom_meta) with DCMTK in place of pydicom.
 #include "dicom.hpp"
 
+#include <dcmtk/dcmdata/dcpixseq.h>
+#include <dcmtk/dcmdata/dcpxitem.h>
 #include <dcmtk/dcmdata/dcrledrg.h>
 #include <dcmtk/dcmdata/dctk.h>
 #include <dcmtk/dcmjpeg/djdecode.h>
@@ -14,9 +16,12 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <functional>
+#include <memory>
 #include <mutex>
 
 #include "iqe/errors.hpp"
+#include "j2k.hpp"
 
 namespace iqe::detail {
 namespace {
@@ -238,7 +243,7 @@ std::string not_decodable(DcmDataset* ds, DcmMetaInfo* meta, const Loaded& loade
     if (!ds->tagExists(DCM_PixelData)) return "float pixel data is not supported by iqe-native";
     DcmXfer xfer(ds->getOriginalXfer());
     if (xfer.getXfer() == EXS_Unknown) return "unknown transfer syntax";
-    if (!xfer.isEncapsulated()) return "";
+    if (!xfer.isEncapsulated() || is_j2k_syntax(xfer.getXferID())) return "";  // J2K: OpenJPEG, per frame
     OFCondition st = ds->chooseRepresentation(EXS_LittleEndianExplicit, nullptr);
     if (st.bad() || !ds->canWriteXfer(EXS_LittleEndianExplicit))
         return std::string("unsupported transfer syntax ") + xfer.getXferName() + " (" + xfer.getXferID() +
@@ -333,22 +338,75 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
         std::string p = upper(get_string(ds, DCM_PhotometricInterpretation));
         return p.empty() ? std::string("MONOCHROME2") : p;
     }();
+    const std::size_t per_frame = std::size_t(rows) * cols * samples;
+    const std::string xfer_uid = DcmXfer(ds->getOriginalXfer()).getXferID();
+    // Frame f's samples as doubles, or the reason they cannot be read.
+    std::function<std::string(int, std::vector<double>*)> frame_samples;
     DcmElement* pixel_element = nullptr;
     const Uint8* bytes = nullptr;
+    std::vector<std::pair<const Uint8*, Uint32>> fragments;  // JPEG 2000: one codestream per frame
     if (rows == 0 || cols == 0 || (bits_alloc != 8 && bits_alloc != 16 && bits_alloc != 32) ||
-        ds->findAndGetElement(DCM_PixelData, pixel_element).bad() || pixel_element->getUint8Array(
-            const_cast<Uint8*&>(bytes)).bad() || bytes == nullptr) {
+        ds->findAndGetElement(DCM_PixelData, pixel_element).bad()) {
         error_item(first, first.label + ": cannot decode pixel data (iqe-native: Rows " + std::to_string(rows) +
                               ", Columns " + std::to_string(cols) + ", BitsAllocated " + std::to_string(bits_alloc) +
                               " not readable)", meta);
         return;
     }
-    const unsigned long length = pixel_element->getLength();
-    const std::size_t per_frame = std::size_t(rows) * cols * samples;
-    if (per_frame * (bits_alloc / 8) * frames > length) {
-        error_item(first, first.label + ": cannot decode pixel data (ValueError: The number of bytes of pixel data "
-                              "is less than expected)", meta);
-        return;
+    if (is_j2k_syntax(xfer_uid)) {
+        DcmPixelSequence* sequence = nullptr;
+        auto* pixel_data = static_cast<DcmPixelData*>(pixel_element);
+        if (pixel_data->getEncapsulatedRepresentation(ds->getOriginalXfer(), nullptr, sequence).bad() || !sequence) {
+            error_item(first, first.label + ": cannot decode pixel data (no encapsulated JPEG 2000 fragments)", meta);
+            return;
+        }
+        for (unsigned long i = 1; i < sequence->card(); ++i) {  // item 0: the basic offset table
+            DcmPixelItem* item = nullptr;
+            Uint8* data = nullptr;
+            if (sequence->getItem(item, i).good() && item->getUint8Array(data).good() && data)
+                fragments.emplace_back(data, item->getLength());
+        }
+        // One fragment per frame, or a single frame split over several fragments.
+        std::vector<std::uint8_t> joined;
+        if (frames == 1 && fragments.size() > 1) {
+            for (const auto& [data, length] : fragments) joined.insert(joined.end(), data, data + length);
+        }
+        auto joined_ptr = std::make_shared<std::vector<std::uint8_t>>(std::move(joined));
+        frame_samples = [=](int frame, std::vector<double>* values) -> std::string {
+            const std::uint8_t* data;
+            std::size_t length;
+            if (!joined_ptr->empty()) {
+                data = joined_ptr->data();
+                length = joined_ptr->size();
+            } else if (std::size_t(frame) < fragments.size() && int(fragments.size()) == frames) {
+                data = fragments[frame].first;
+                length = fragments[frame].second;
+            } else {
+                return "cannot decode pixel data (iqe-native: " + std::to_string(fragments.size()) +
+                       " JPEG 2000 fragments for " + std::to_string(frames) + " frames)";
+            }
+            J2kImage image;
+            std::string reason = decode_j2k(data, length, &image);
+            if (!reason.empty()) return "cannot decode pixel data (" + reason + ")";
+            if (image.width != cols || image.height != rows || image.components != samples)
+                return "cannot decode pixel data (JPEG 2000 image does not match Rows, Columns, SamplesPerPixel)";
+            values->assign(image.samples.begin(), image.samples.end());
+            return "";
+        };
+    } else {
+        if (pixel_element->getUint8Array(const_cast<Uint8*&>(bytes)).bad() || bytes == nullptr) {
+            error_item(first, first.label + ": cannot decode pixel data (iqe-native: no native pixel data)", meta);
+            return;
+        }
+        const unsigned long length = pixel_element->getLength();
+        if (per_frame * (bits_alloc / 8) * frames > length) {
+            error_item(first, first.label + ": cannot decode pixel data (ValueError: The number of bytes of pixel "
+                                  "data is less than expected)", meta);
+            return;
+        }
+        frame_samples = [=](int frame, std::vector<double>* values) -> std::string {
+            frame_values(bytes, length, frame, per_frame, bits_alloc, bits_stored, is_signed, values);
+            return "";
+        };
     }
     const std::string modality = upper(get_string(ds, DCM_Modality));
 
@@ -356,11 +414,17 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
         FrameName n = name_of(source, path, first_index, frame, frames);
         Json frame_meta = meta_of(ds);  // a fresh object per frame (Json objects share storage)
         std::vector<double> values;
-        frame_values(bytes, length, frame, per_frame, bits_alloc, bits_stored, is_signed, &values);
+        if (std::string reason = frame_samples(frame, &values); !reason.empty()) {
+            error_item(n, n.label + ": " + reason, frame_meta);
+            continue;
+        }
         Image8 display;
         Json record;
         if (photometric.rfind("MONOCHROME", 0) != 0) {
-            if (photometric != "RGB" || samples != 3) {
+            // RGB; YBR_RCT / YBR_ICT come out of OpenJPEG as RGB (inverse MCT), and DCMTK's
+            // JPEG decoders convert YBR_FULL(_422) to RGB.
+            const bool rgb = photometric == "RGB" || photometric == "YBR_RCT" || photometric == "YBR_ICT";
+            if (!rgb || samples != 3) {
                 error_item(n, n.label + ": cannot apply the header's LUTs (iqe-native: photometric interpretation " +
                                   photometric + " is not supported)", frame_meta);
                 continue;

@@ -198,9 +198,11 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm",
                                   "MR_small_implicit.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                                  "SC_rgb_small_odd.dcm"])
+                                  "SC_rgb_small_odd.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm",
+                                  "GDCMJ2K_TextGBR.dcm", "SC_rgb_gdcm_KY.dcm"])
 def test_dicom_transfer_syntaxes_equal_python(native_bin, tmp_path, name):
-    """DCMTK's decoders (RLE, JPEG-LS, lossless-reconstructed colour JPEG) and encodings give Python's input."""
+    """DCMTK's decoders (RLE, JPEG, JPEG-LS), OpenJPEG (JPEG 2000, lossless and lossy, YBR_RCT) and the
+    uncompressed encodings give Python's model input."""
     path = get_testdata_file(name)
     native = preprocess_native(native_bin, [path], tmp_path / "out")
     python = python_items([path])
