@@ -41,6 +41,15 @@ public:
     std::string name() const override { return "onnxruntime"; }
 
     Outputs infer(const float* images, int batch, int size) override {
+        try {
+            return run(images, batch, size);
+        } catch (const Ort::Exception& e) {
+            throw Error(std::string("onnxruntime: ") + e.what());
+        }
+    }
+
+private:
+    Outputs run(const float* images, int batch, int size) {
         Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
         const std::array<std::int64_t, 4> shape{batch, 3, size, size};
         const std::size_t count = std::size_t(batch) * 3 * size * size;
@@ -78,7 +87,6 @@ public:
         return out;
     }
 
-private:
     Ort::Env env_;
     Ort::Session session_;
     std::vector<std::string> output_names_;

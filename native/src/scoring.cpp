@@ -103,7 +103,6 @@ std::pair<std::string, Window> parse_window(const std::string& text) {
 std::vector<ItemResult> score_inputs(Engine& engine, const std::vector<std::string>& inputs, const ScoreOptions& options) {
     if (options.batch < 1) throw InputError("--batch must be >= 1, got " + std::to_string(options.batch));
     const int size = engine.image_size();
-    const std::size_t per_image = std::size_t(3) * size * size;
     std::vector<ItemResult> results;
     std::vector<std::size_t> pending;  // result indices of the images in `batch`
     std::vector<float> batch;
@@ -152,7 +151,6 @@ std::vector<ItemResult> score_inputs(Engine& engine, const std::vector<std::stri
         }
     }
     flush();
-    (void)per_image;
     return results;
 }
 

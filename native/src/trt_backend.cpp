@@ -104,13 +104,11 @@ public:
         nvinfer1::Dims4 dims(batch, 3, size, size);
         if (!context_->setInputShape(input_.c_str(), dims))
             throw Error("tensorrt: batch " + std::to_string(batch) + " is outside the plan's profile");
-        const auto in_type = engine_->getTensorDataType(input_.c_str());
-        std::vector<std::uint16_t> half;
-        const void* host_in = images;
-        if (in_type == nvinfer1::DataType::kHALF)
-            throw Error("tensorrt: float16 plan inputs are not supported (the exported graph takes float32 images)");
-        DeviceBuffer d_in = device_alloc(count * element_size(in_type));
-        cuda_check(cudaMemcpyAsync(d_in.get(), host_in, count * 4, cudaMemcpyHostToDevice, stream_), "copy in");
+        if (engine_->getTensorDataType(input_.c_str()) != nvinfer1::DataType::kFLOAT)
+            throw Error("tensorrt: the plan's input is not float32 (the exported graph takes float32 images)");
+        DeviceBuffer d_in = device_alloc(count * sizeof(float));
+        cuda_check(cudaMemcpyAsync(d_in.get(), images, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
+                   "copy in");
         context_->setTensorAddress(input_.c_str(), d_in.get());
         std::vector<DeviceBuffer> d_out;
         std::vector<std::vector<std::int64_t>> shapes;
