@@ -95,6 +95,10 @@ std::string npy_float32(const std::vector<float>& data, const std::vector<long>&
     return npy("<f4", shape, std::string(reinterpret_cast<const char*>(data.data()), data.size() * sizeof(float)));
 }
 
+std::string npy_uint8(const std::vector<std::uint8_t>& data, const std::vector<long>& shape) {
+    return npy("|u1", shape, std::string(reinterpret_cast<const char*>(data.data()), data.size()));
+}
+
 std::string npy_unicode(const std::vector<std::string>& values) {
     std::vector<std::vector<std::uint32_t>> cps;
     std::size_t width = 1;  // np.array([], dtype=str) is '<U1'

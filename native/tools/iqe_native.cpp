@@ -127,15 +127,7 @@ int cmd_preprocess(const Args& a) {
                 const auto& d = item.display;
                 std::vector<long> shape{d.height, d.width};
                 if (d.channels == 3) shape.push_back(3);
-                std::string payload(reinterpret_cast<const char*>(d.pixels.data()), d.pixels.size());
-                std::string header = "{'descr': '|u1', 'fortran_order': False, 'shape': (" + std::to_string(d.height) +
-                                     ", " + std::to_string(d.width) + (d.channels == 3 ? ", 3" : "") + "), }";
-                std::size_t total = 10 + header.size() + 1;
-                header += std::string((64 - total % 64) % 64, ' ') + "\n";
-                std::string bytes("\x93NUMPY\x01\x00", 8);
-                bytes += char(header.size() & 0xFF);
-                bytes += char(header.size() >> 8);
-                iqe::atomic_write(stem + ".display.npy", bytes + header + payload);
+                iqe::atomic_write(stem + ".display.npy", iqe::npy_uint8(d.pixels, shape));
                 row.set("file", std::to_string(n) + ".npy");
             }
             ++n;

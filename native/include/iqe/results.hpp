@@ -3,6 +3,7 @@
 // [N, S, S] float32, failed). Both written under a temporary name, fsynced and renamed.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -28,8 +29,9 @@ Json result_json(const ItemResult& r);
 // Writes DIR/results.jsonl (and DIR/maps.npz when save_maps); returns the jsonl path.
 std::string write_results(const std::string& out_dir, const std::vector<ItemResult>& results, bool save_maps);
 
-// One array as .npy bytes (format 1.0): float32 with a shape, or a unicode string array.
+// One array as .npy bytes (format 1.0): float32 or uint8 with a shape, or a unicode string array.
 std::string npy_float32(const std::vector<float>& data, const std::vector<long>& shape);
+std::string npy_uint8(const std::vector<std::uint8_t>& data, const std::vector<long>& shape);
 std::string npy_unicode(const std::vector<std::string>& values);
 
 // Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename, fsync dir).
