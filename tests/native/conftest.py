@@ -75,9 +75,10 @@ def engine_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_ct_series(folder: Path, positions: list[float], seed: int = 0) -> str:
-    """Slices of pydicom's CT_small along z at `positions`, files named in shuffled order,
-    InstanceNumbers disagreeing with the positions (position must win). Returns the UID."""
+def write_ct_series(folder: Path, positions: list[float], seed: int = 0, sagittal: bool = False) -> str:
+    """Slices of pydicom's CT_small at `positions` along z (or x, sagittal), files named in
+    shuffled order, InstanceNumbers disagreeing with the positions (position must win).
+    Returns the SeriesInstanceUID."""
     folder.mkdir(parents=True, exist_ok=True)
     src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     uid = generate_uid()
@@ -90,7 +91,9 @@ def write_ct_series(folder: Path, positions: list[float], seed: int = 0) -> str:
         ds.PixelData = pixels.tobytes()
         ds.SeriesInstanceUID = uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+        ds.ImagePositionPatient = [float(z), 0.0, 0.0] if sagittal else [0.0, 0.0, float(z)]
+        if sagittal:  # rows along y, columns along -z: the normal is -x
+            ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
         ds.InstanceNumber = len(positions) - s
         ds.save_as(folder / f"IM{names[s]:04d}")
     return uid

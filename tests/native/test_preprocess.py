@@ -162,10 +162,11 @@ def test_dicom_within_one_grey_level_of_python(native_bin, tmp_path, flags, wind
     folder.mkdir()
     _dicom_cases(folder)
     write_ct_series(folder / "series", [10.0, 0.0, 5.0, 2.5])
+    write_ct_series(folder / "sagittal", [-3.0, 4.0, 1.0], seed=1, sagittal=True)
     native = preprocess_native(native_bin, [folder], tmp_path / "out", *flags)
     python = python_items([folder], windows)
     assert [i["key"] for i in native] == [i.key for i in python]
-    assert len(native) == 9 + 2 + 4  # 9 single files (one with 3 frames) + 4 series slices
+    assert len(native) == 9 + 2 + 4 + 3  # 9 single files (one with 3 frames) + 4 axial + 3 sagittal slices
     for n, p in zip(native, python):
         assert n["error"] is None and p.error is None, (n["key"], n["error"], p.error)
         assert np.abs(n["image"] - p.image).max() <= LEVEL + 1e-6, n["key"]
