@@ -1,7 +1,7 @@
 """Native (iqe-native, C++) vs Python (`iqe score` runtime) on the same ONNX Runtime engine.
 
-Prints single-image end-to-end latency and series throughput for both, plus the cold
-start of each command line. End to end = discovery, decoding, window / PIL bicubic
+Prints single-image end-to-end latency and series throughput for both, the series'
+reading + preprocessing alone (no inference), and the cold start of each command line. End to end = discovery, decoding, window / PIL bicubic
 preprocessing, inference (ONNX Runtime, fused graph, CPU) and per-item results; the
 engine is loaded once before the warm runs (native: `iqe-native bench`, Python:
 `load_runner` + `score_inputs` in this process, the loop `iqe score` runs).
@@ -69,9 +69,9 @@ def make_inputs(folder: Path, slices: int) -> tuple[Path, Path]:
     return png, series
 
 
-def python_runs(engine: Path, inputs: list[Path], repeat: int, batch: int) -> dict:
+def python_runs(engine: Path, inputs: list[Path], repeat: int, batch: int, preprocess_only: bool = False) -> dict:
     from iqe.engine.build import load_runner
-    from iqe.runtime.scoring import score_inputs
+    from iqe.runtime.scoring import iter_input_items, score_inputs
 
     t0 = time.perf_counter()
     runner = load_runner(engine, "onnxruntime", "fp32")
@@ -80,15 +80,19 @@ def python_runs(engine: Path, inputs: list[Path], repeat: int, batch: int) -> di
     runs = []
     for _ in range(repeat):
         t = time.perf_counter()
-        items = len(score_inputs(inputs, runner.infer, runner.image_size, batch, progress=False))
+        if preprocess_only:
+            items = len(list(iter_input_items(inputs, runner.image_size)))
+        else:
+            items = len(score_inputs(inputs, runner.infer, runner.image_size, batch, progress=False))
         runs.append(time.perf_counter() - t)
     runner.deactivate()
     return {"load_s": load_s, "runs_s": runs, "items": items}
 
 
-def native_runs(engine: Path, inputs: list[Path], repeat: int, batch: int) -> dict:
+def native_runs(engine: Path, inputs: list[Path], repeat: int, batch: int, preprocess_only: bool = False) -> dict:
+    flags = ["--preprocess-only"] if preprocess_only else []
     out = subprocess.run([str(NATIVE), "bench", str(engine), *map(str, inputs), "--repeat", str(repeat), "--batch",
-                          str(batch)], check=True, capture_output=True, text=True)
+                          str(batch), *flags], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
 
@@ -127,11 +131,13 @@ def main() -> int:
             build(engine, "onnxruntime", "fp32", max_batch=args.batch)
         png, series = make_inputs(tmp, args.slices)
         rows = []
-        for name, inputs, batch, repeat in [("single PNG 512x512, batch 1", [png], 1, args.repeat),
-                                            (f"CT series {args.slices}x512x512, batch {args.batch}", [series],
-                                             args.batch, max(3, args.repeat // 3))]:
-            py = python_runs(engine, inputs, repeat, batch)
-            na = native_runs(engine, inputs, repeat, batch)
+        series_name = f"CT series {args.slices}x512x512"
+        for name, inputs, batch, repeat, only in [
+                ("single PNG 512x512, batch 1", [png], 1, args.repeat, False),
+                (f"{series_name}, batch {args.batch}", [series], args.batch, max(3, args.repeat // 3), False),
+                (f"{series_name}, preprocessing only", [series], args.batch, max(3, args.repeat // 3), True)]:
+            py = python_runs(engine, inputs, repeat, batch, only)
+            na = native_runs(engine, inputs, repeat, batch, only)
             rows.append((name, py, na))
         cold_native = cold([str(NATIVE), "score", str(engine), str(png), "--out", str(tmp / "cold-native"), "--quiet"])
         cold_python = cold([sys.executable, "-m", "iqe.cli", "score", "--model", str(REPO / "iqe/data/demo_bundle"),
@@ -143,7 +149,7 @@ def main() -> int:
     print("|---|---|---|---|")
     for name, py, na in rows:
         (pm, pp), (nm, np95) = summary(py["runs_s"]), summary(na["runs_s"])
-        line = f"| {name}: end-to-end ms | {pm:.1f} / {pp:.1f} | {nm:.1f} / {np95:.1f} | {pm / nm:.2f}x |"
+        line = f"| {name}: ms | {pm:.1f} / {pp:.1f} | {nm:.1f} / {np95:.1f} | {pm / nm:.2f}x |"
         if py["items"] > 1:
             line += f"\n| {name}: slices/s | {py['items'] / (pm / 1e3):.1f} | {na['items'] / (nm / 1e3):.1f} | |"
         print(line)

@@ -29,13 +29,13 @@ const char* kUsage =
     "                        [--backend onnxruntime|tensorrt (default onnxruntime)] [--precision fp32|fp16 (default fp32)]\n"
     "                        [--window MODALITY=C,W | C,W]... [--threads N (default: all CPUs)] [--quiet]\n"
     "       iqe-native preprocess INPUT... --out DIR [--size N (default 240)] [--window ...]\n"
-    "       iqe-native bench ENGINE_DIR INPUT... [--repeat N (default 10)] [--batch N] [--threads N]\n"
+    "       iqe-native bench ENGINE_DIR INPUT... [--repeat N (default 10)] [--batch N] [--threads N] [--preprocess-only]\n"
     "       iqe-native version\n";
 
 struct Args {
     std::vector<std::string> positional;
     std::string out;
-    bool save_maps = false, quiet = false;
+    bool save_maps = false, quiet = false, preprocess_only = false;
     int batch = 8, threads = 0, size = 240, repeat = 10;
     std::string backend = "onnxruntime", precision = "fp32";
     iqe::WindowOverrides windows;
@@ -59,6 +59,7 @@ Args parse(int argc, char** argv, int first, bool needs_out = true) {
         if (s == "--out") a.out = value();
         else if (s == "--save-maps") a.save_maps = true;
         else if (s == "--quiet") a.quiet = true;
+        else if (s == "--preprocess-only") a.preprocess_only = true;
         else if (s == "--batch") a.batch = to_int(s, value());
         else if (s == "--threads") a.threads = to_int(s, value());
         else if (s == "--size") a.size = to_int(s, value());
@@ -140,7 +141,8 @@ int cmd_preprocess(const Args& a) {
 
 // Warm timings for benchmarks/native_vs_python.py: the engine is loaded once, then the
 // inputs are scored --repeat times (discovery, decoding, preprocessing, inference each
-// time). Prints one JSON object: load_s, runs_s [...], items.
+// time; --preprocess-only: reading and preprocessing alone, no inference). Prints one
+// JSON object: load_s, runs_s [...], items.
 int cmd_bench(const Args& a) {
     if (a.positional.size() < 2) throw iqe::InputError("the following arguments are required: ENGINE_DIR INPUT...");
     using clock = std::chrono::steady_clock;
@@ -158,7 +160,13 @@ int cmd_bench(const Args& a) {
     std::size_t items = 0;
     for (int i = 0; i < a.repeat; ++i) {
         auto t = clock::now();
-        items = iqe::score_inputs(engine, inputs, so).size();
+        if (a.preprocess_only) {
+            items = 0;
+            for (const auto& source : iqe::discover_in_order(inputs))
+                iqe::read_items(source, engine.image_size(), so.windows, false, [&items](iqe::Item&&) { ++items; });
+        } else {
+            items = iqe::score_inputs(engine, inputs, so).size();
+        }
         runs += (i ? ", " : "") + iqe::py_float(std::chrono::duration<double>(clock::now() - t).count());
     }
     std::printf("{\"load_s\": %s, \"runs_s\": [%s], \"items\": %zu}\n", iqe::py_float(load_s).c_str(), runs.c_str(), items);
