@@ -53,7 +53,7 @@ def make_inputs(folder: Path, slices: int) -> tuple[Path, Path]:
     png = folder / "image.png"
     Image.fromarray(np.clip(128 + 50 * np.sin(xx / 13) * np.cos(yy / 17) + rng.normal(0, 10, (512, 512)), 0, 255)
                     .astype(np.uint8)).save(png)
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    src = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
     base = np.kron(src.pixel_array, np.ones((4, 4), dtype=src.pixel_array.dtype))  # 128 -> 512
     series = folder / "series"
     series.mkdir()
@@ -117,8 +117,8 @@ def main() -> int:
     args = p.parse_args()
     if not NATIVE.is_file():
         sys.exit(f"{NATIVE} missing: build it (bash .ci/setup, or cmake -S . -B build/native && cmake --build build/native)")
-    with tempfile.TemporaryDirectory(prefix="iqe-native-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="iqe-native-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         engine = args.engine
         if engine is None:
             from iqe.engine.build import build

@@ -26,6 +26,13 @@ DEMO_BUNDLE = REPO / "iqe" / "data" / "demo_bundle"  # the tiny preset
 SIZE = 240
 
 
+def testdata(name: str) -> str:
+    """Path of one of pydicom's bundled test files."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
+    return path
+
+
 def build_native() -> Path:
     """Configure and build libiqe + iqe-native (incremental when already built)."""
     subprocess.run(["bash", str(REPO / "native" / "fetch_deps.sh"), sys.executable], check=True)
@@ -80,7 +87,7 @@ def write_ct_series(folder: Path, positions: list[float], seed: int = 0, sagitta
     shuffled order, InstanceNumbers disagreeing with the positions (position must win).
     Returns the SeriesInstanceUID."""
     folder.mkdir(parents=True, exist_ok=True)
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    src = pydicom.dcmread(testdata("CT_small.dcm"))
     uid = generate_uid()
     names = list(range(len(positions)))
     random.Random(seed).shuffle(names)

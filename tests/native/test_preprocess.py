@@ -19,11 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 
 from iqe.model.preprocess import load_image
 from iqe.runtime.scoring import iter_input_items
-from tests.native.conftest import SIZE, preprocess_native, write_ct_series
+from tests.native.conftest import SIZE, preprocess_native, testdata, write_ct_series
 
 LEVEL = 1 / 255
 
@@ -111,8 +110,8 @@ def test_16bit_grey_png_min_max_and_override(native_bin, tmp_path):
 
 def _dicom_cases(folder):
     """DICOM files covering the window rules, MONOCHROME1, multi-frame, colour and rescale."""
-    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ct = pydicom.dcmread(testdata("CT_small.dcm"))
+    mr = pydicom.dcmread(testdata("MR_small.dcm"))
     ct.save_as(folder / "ct_default_window.dcm")
     mr.save_as(folder / "mr_file_window.dcm")
     no_window = copy.deepcopy(mr)
@@ -143,7 +142,7 @@ def _dicom_cases(folder):
     multi.PixelData = frames.astype(mr.pixel_array.dtype).tobytes()
     multi.SOPInstanceUID = multi.SeriesInstanceUID = pydicom.uid.generate_uid()
     multi.save_as(folder / "mr_multiframe.dcm")
-    rgb = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    rgb = pydicom.dcmread(testdata("CT_small.dcm"))
     colour = np.random.default_rng(4).integers(0, 256, (rgb.Rows, rgb.Columns, 3), dtype=np.uint8)
     rgb.PhotometricInterpretation, rgb.SamplesPerPixel, rgb.PlanarConfiguration = "RGB", 3, 0
     rgb.BitsAllocated = rgb.BitsStored = 8
@@ -204,7 +203,7 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
 def test_dicom_transfer_syntaxes_equal_python(native_bin, tmp_path, name):
     """DCMTK's decoders (RLE, JPEG, JPEG-LS), OpenJPEG (JPEG 2000, lossless and lossy, YBR_RCT) and the
     uncompressed encodings give Python's model input."""
-    path = get_testdata_file(name)
+    path = testdata(name)
     native = preprocess_native(native_bin, [path], tmp_path / "out")
     python = python_items([path])
     assert [i["key"] for i in native] == [i.key for i in python]
