@@ -26,7 +26,7 @@ DEMO_BUNDLE = REPO / "iqe" / "data" / "demo_bundle"  # the tiny preset
 SIZE = 240
 
 
-def testdata(name: str) -> str:
+def pydicom_file(name: str) -> str:
     """Path of one of pydicom's bundled test files."""
     path = get_testdata_file(name)
     assert isinstance(path, str), name
@@ -87,7 +87,7 @@ def write_ct_series(folder: Path, positions: list[float], seed: int = 0, sagitta
     shuffled order, InstanceNumbers disagreeing with the positions (position must win).
     Returns the SeriesInstanceUID."""
     folder.mkdir(parents=True, exist_ok=True)
-    src = pydicom.dcmread(testdata("CT_small.dcm"))
+    src = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     uid = generate_uid()
     names = list(range(len(positions)))
     random.Random(seed).shuffle(names)

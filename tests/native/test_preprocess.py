@@ -22,7 +22,7 @@ from PIL import Image
 
 from iqe.model.preprocess import load_image
 from iqe.runtime.scoring import iter_input_items
-from tests.native.conftest import SIZE, preprocess_native, testdata, write_ct_series
+from tests.native.conftest import SIZE, preprocess_native, pydicom_file, write_ct_series
 
 LEVEL = 1 / 255
 
@@ -110,8 +110,8 @@ def test_16bit_grey_png_min_max_and_override(native_bin, tmp_path):
 
 def _dicom_cases(folder):
     """DICOM files covering the window rules, MONOCHROME1, multi-frame, colour and rescale."""
-    ct = pydicom.dcmread(testdata("CT_small.dcm"))
-    mr = pydicom.dcmread(testdata("MR_small.dcm"))
+    ct = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    mr = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     ct.save_as(folder / "ct_default_window.dcm")
     mr.save_as(folder / "mr_file_window.dcm")
     no_window = copy.deepcopy(mr)
@@ -142,7 +142,7 @@ def _dicom_cases(folder):
     multi.PixelData = frames.astype(mr.pixel_array.dtype).tobytes()
     multi.SOPInstanceUID = multi.SeriesInstanceUID = pydicom.uid.generate_uid()
     multi.save_as(folder / "mr_multiframe.dcm")
-    rgb = pydicom.dcmread(testdata("CT_small.dcm"))
+    rgb = pydicom.dcmread(pydicom_file("CT_small.dcm"))
     colour = np.random.default_rng(4).integers(0, 256, (rgb.Rows, rgb.Columns, 3), dtype=np.uint8)
     rgb.PhotometricInterpretation, rgb.SamplesPerPixel, rgb.PlanarConfiguration = "RGB", 3, 0
     rgb.BitsAllocated = rgb.BitsStored = 8
@@ -203,7 +203,7 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
 def test_dicom_transfer_syntaxes_equal_python(native_bin, tmp_path, name):
     """DCMTK's decoders (RLE, JPEG, JPEG-LS), OpenJPEG (JPEG 2000, lossless and lossy, YBR_RCT) and the
     uncompressed encodings give Python's model input."""
-    path = testdata(name)
+    path = pydicom_file(name)
     native = preprocess_native(native_bin, [path], tmp_path / "out")
     python = python_items([path])
     assert [i["key"] for i in native] == [i.key for i in python]

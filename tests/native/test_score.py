@@ -22,7 +22,7 @@ from iqe.model.bundle import load_bundle
 from iqe.runtime.results import SCORE_KEYS, write_results
 from iqe.runtime.scoring import score_inputs
 from tests.conftest import write_test_images
-from tests.native.conftest import DEMO_BUNDLE, run_native, testdata, write_ct_series
+from tests.native.conftest import DEMO_BUNDLE, run_native, pydicom_file, write_ct_series
 
 TOL = 1e-6
 
@@ -66,11 +66,11 @@ def bad_inputs(folder: Path) -> list[Path]:
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: skipped
-    shutil.copy(testdata("test-SR.dcm"), folder / "report.dcm")
-    data = Path(testdata("CT_small.dcm")).read_bytes()
+    shutil.copy(pydicom_file("test-SR.dcm"), folder / "report.dcm")
+    data = Path(pydicom_file("CT_small.dcm")).read_bytes()
     (folder / "cut_header.dcm").write_bytes(data[:2000])
-    shutil.copy(testdata("MR_small.dcm"), folder / "mr.dcm")
-    shutil.copy(testdata("MR_small.dcm"), folder / "mr_copy.dcm")  # same SOPInstanceUID
+    shutil.copy(pydicom_file("MR_small.dcm"), folder / "mr.dcm")
+    shutil.copy(pydicom_file("MR_small.dcm"), folder / "mr_copy.dcm")  # same SOPInstanceUID
     (folder / "empty_dir").mkdir()
     return [folder, folder / "empty_dir", folder.parent / "missing.png"]
 
@@ -79,7 +79,7 @@ def test_scores_maps_and_errors_equal_python(native_bin, engine_dir, tmp_path):
     images = write_test_images(tmp_path / "png")
     Image.fromarray(np.asarray(Image.open(images[3]))).save(tmp_path / "png" / "photo.jpg", quality=90)
     write_ct_series(tmp_path / "series", [7.5, 0.0, 2.5, 5.0, 10.0, 12.5, 15.0, 17.5, 20.0])
-    multi = pydicom.dcmread(testdata("MR_small.dcm"))
+    multi = pydicom.dcmread(pydicom_file("MR_small.dcm"))
     frame = multi.pixel_array
     multi.NumberOfFrames = 2
     multi.PixelData = np.stack([frame, frame.T]).tobytes()
