@@ -3,6 +3,7 @@
 #include <onnxruntime_cxx_api.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <thread>
 
 #include "iqe/engine.hpp"
@@ -30,6 +31,13 @@ public:
         opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
         opts.SetIntraOpNumThreads(threads > 0 ? threads : available_cpus());
         opts.SetLogSeverityLevel(3);
+        // A GPU build of ONNX Runtime (onnxruntime-gpu's library): CUDA first, CPU for the
+        // rest, like the Python runner's provider preference (not executed here: CPU wheel).
+        const auto providers = Ort::GetAvailableProviders();
+        if (std::find(providers.begin(), providers.end(), "CUDAExecutionProvider") != providers.end()) {
+            OrtCUDAProviderOptions cuda{};
+            opts.AppendExecutionProvider_CUDA(cuda);
+        }
         session_ = Ort::Session(env_, onnx_path.c_str(), opts);
         Ort::AllocatorWithDefaultOptions alloc;
         for (std::size_t i = 0; i < session_.GetOutputCount(); ++i)
