@@ -314,8 +314,9 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
     } catch (const InputError& e) {
         std::string msg = e.what();
         // A file readable for discovery but not in full: the runtime's wording.
-        if (msg.rfind(path + ": cannot read DICOM header (", 0) == 0)
-            msg = first.label + ": cannot read DICOM file (" + msg.substr(path.size() + 27);
+        const std::string header_prefix = path + ": cannot read DICOM header (";
+        if (msg.rfind(header_prefix, 0) == 0)
+            msg = first.label + ": cannot read DICOM file (" + msg.substr(header_prefix.size());
         error_item(first, msg, Json::object());
         return;
     }
