@@ -8,6 +8,8 @@
 
 #include "iqe/engine.hpp"
 #include "iqe/errors.hpp"
+#include "iqe/results.hpp"
+#include "iqe/scoring.hpp"
 #include "iqe/sources.hpp"
 
 struct iqe_engine {
@@ -78,6 +80,24 @@ iqe_status iqe_engine_score(iqe_engine* engine, const float* images, int batch, 
         if (map) std::memcpy(map, out.at("map").data.data(), out.at("map").data.size() * sizeof(float));
         if (map_smooth)
             std::memcpy(map_smooth, out.at("map_smooth").data.data(), out.at("map_smooth").data.size() * sizeof(float));
+    });
+}
+
+iqe_status iqe_score_files(iqe_engine* engine, const char* const* inputs, int n_inputs, const char* out_dir,
+                           int save_maps, int batch, int* scored) {
+    return guarded([&] {
+        if (engine == nullptr || inputs == nullptr || n_inputs < 1 || out_dir == nullptr)
+            throw iqe::InputError("iqe_score_files: engine, inputs (n_inputs >= 1) and out_dir are required");
+        iqe::ScoreOptions options;
+        options.batch = batch > 0 ? batch : 8;
+        options.keep_maps = save_maps != 0;
+        std::vector<std::string> paths(inputs, inputs + n_inputs);
+        auto results = iqe::score_inputs(*engine->engine, paths, options);
+        iqe::write_results(out_dir, results, save_maps != 0);
+        if (scored) {
+            *scored = 0;
+            for (const auto& r : results) *scored += r.error ? 0 : 1;
+        }
     });
 }
 

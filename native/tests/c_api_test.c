@@ -14,6 +14,7 @@ static void expect(int ok, const char* what) {
     }
 }
 
+/* usage: iqe_c_api_test TMP_DIR [ENGINE_DIR OUT_DIR INPUT...] */
 int main(int argc, char** argv) {
     const char* dir = argc > 1 ? argv[1] : "c_api_test_tmp";
     char path[4096], want[8192];
@@ -46,6 +47,19 @@ int main(int argc, char** argv) {
     expect(strcmp(iqe_last_error(), want) == 0, "garbage-file message");
 
     expect(iqe_engine_score(NULL, image, 1, NULL, NULL, NULL) == IQE_INPUT_ERROR, "null engine");
+
+    /* With an engine and inputs: score them like `iqe-native score ENGINE INPUT... --out OUT --save-maps`. */
+    if (argc > 4) {
+        int scored = -1;
+        const char* const* inputs = (const char* const*)(argv + 4);
+        expect(iqe_engine_open(argv[2], "onnxruntime", "fp32", 0, &engine) == IQE_OK, "engine opens");
+        if (engine != NULL) {
+            expect(iqe_engine_image_size(engine) > 0, "image size");
+            expect(iqe_score_files(engine, inputs, argc - 4, argv[3], 1, 4, &scored) == IQE_OK, "score files");
+            expect(scored > 0, "something scored");
+            iqe_engine_close(engine);
+        }
+    }
     if (failures == 0) printf("c_api: all checks passed\n");
     return failures == 0 ? 0 : 1;
 }

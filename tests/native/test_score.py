@@ -145,8 +145,13 @@ def test_engine_refused_with_the_python_loaders_message(native_bin, engine_dir, 
     assert run_native(native_bin, "score", engine, image, "--out", tmp_path / "ok", "--quiet").returncode == 0
 
 
-def test_c_api(native_bin, tmp_path):
-    """The ctest program: C callers get status codes and the runtime's messages."""
-    binary = native_bin.parent / "iqe_c_api_test"
-    proc = run_native(binary, tmp_path / "c_api")
+def test_c_api(native_bin, engine_dir, tmp_path):
+    """The ctest program: C callers get status codes and the runtime's messages, and
+    iqe_score_files writes what `iqe-native score` writes."""
+    images = [str(p) for p in write_test_images(tmp_path / "png")] + [str(tmp_path / "missing.png")]
+    proc = run_native(native_bin.parent / "iqe_c_api_test", tmp_path / "c_api", engine_dir, tmp_path / "from_c",
+                      *images)
     assert "all checks passed" in proc.stdout
+    run_native(native_bin, "score", engine_dir, *images, "--out", tmp_path / "cli", "--save-maps", "--batch", "4",
+               "--quiet")
+    assert (tmp_path / "from_c" / "results.jsonl").read_text() == (tmp_path / "cli" / "results.jsonl").read_text()

@@ -40,6 +40,12 @@ int iqe_engine_image_size(const iqe_engine* engine);
 iqe_status iqe_engine_score(iqe_engine* engine, const float* images, int batch, iqe_scores* scores, float* map,
                             float* map_smooth);
 
+/* `iqe score` in one call: reads `inputs` (files and folders), scores them in batches of
+ * `batch`, writes OUT_DIR/results.jsonl (and maps.npz when save_maps). Unreadable inputs
+ * become error rows, as in the command line; *scored receives the number of scored items. */
+iqe_status iqe_score_files(iqe_engine* engine, const char* const* inputs, int n_inputs, const char* out_dir,
+                           int save_maps, int batch, int* scored);
+
 /* The model input of one PNG/JPEG/single-frame DICOM file: float32 [3, size, size], the
  * Python runtime's preprocessing (default DICOM windows). */
 iqe_status iqe_preprocess_file(const char* path, int size, float* out);
