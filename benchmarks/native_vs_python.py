@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-NATIVE = Path(os.environ.get("IQE_NATIVE_BIN", REPO / "build" / "native" / "native" / "iqe-native"))
+NATIVE = Path(os.environ.get("IQE_NATIVE_BIN", REPO / "build" / "native" / "iqe-native"))
 
 
 def cpu_name() -> str:

@@ -1,6 +1,6 @@
 """Fixtures for the native runtime: the built `iqe-native` and a tiny ONNX engine.
 
-The binary comes from `IQE_NATIVE_BIN`, else `build/native/native/iqe-native` (what
+The binary comes from `IQE_NATIVE_BIN`, else `build/native/iqe-native` (what
 `.ci/setup` builds); when missing it is built here once (`native/fetch_deps.sh`, CMake).
 """
 
@@ -40,12 +40,12 @@ def build_native() -> Path:
                    stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(BUILD), "-j", str(max(1, len(os.sched_getaffinity(0))))], check=True,
                    stdout=subprocess.DEVNULL)
-    return BUILD / "native" / "iqe-native"
+    return BUILD / "iqe-native"
 
 
 @pytest.fixture(scope="session")
 def native_bin() -> Path:
-    path = Path(os.environ.get("IQE_NATIVE_BIN", BUILD / "native" / "iqe-native"))
+    path = Path(os.environ.get("IQE_NATIVE_BIN", BUILD / "iqe-native"))
     if not path.is_file():
         path = build_native()
     return path
