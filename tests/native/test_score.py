@@ -1,0 +1,157 @@
+"""`iqe-native score` against the Python runtime on the same ONNX engine (tiny preset).
+
+Same results.jsonl rows (paths, order, context fields, error texts) and scores and maps
+within 1e-6; the engine manifest refused with the Python loader's messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from iqe.engine.build import build, load_runner
+from iqe.engine.manifest import EngineMismatch
+from iqe.export.onnx_export import export_model
+from iqe.model.bundle import load_bundle
+from iqe.runtime.results import SCORE_KEYS
+from tests.conftest import write_test_images
+from tests.native.conftest import DEMO_BUNDLE, REPO, run_native, pydicom_file, write_ct_series
+
+TOL = 1e-6
+
+
+def python_score(engine_dir: Path, inputs: list, out: Path, *flags: str) -> None:
+    """`iqe score --backend onnxruntime` on the same engine directory, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "iqe.cli", "score", "--model", str(DEMO_BUNDLE), "--engine",
+                           str(engine_dir), "--backend", "onnxruntime", *map(str, inputs), "--out", str(out),
+                           "--save-maps", "--quiet", *flags], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def assert_same_results(native_out: Path, python_out: Path, tol: float = TOL) -> None:
+    native, python = read_rows(native_out), read_rows(python_out)
+    assert [r["path"] for r in native] == [r["path"] for r in python]
+    for n, p in zip(native, python):
+        assert list(n) == list(p), n["path"]  # same fields in the same order
+        assert n.get("error") == p.get("error"), n["path"]
+        for key in n:
+            if key in SCORE_KEYS:
+                assert n[key] == pytest.approx(p[key], abs=tol), (n["path"], key)
+            elif key == "slice_position":
+                assert n[key] == pytest.approx(p[key], abs=1e-9)
+            else:
+                assert n[key] == p[key], (n["path"], key)
+    a, b = np.load(native_out / "maps.npz"), np.load(python_out / "maps.npz")
+    assert sorted(a.files) == sorted(b.files)
+    assert list(a["paths"]) == list(b["paths"]) and list(a["failed"]) == list(b["failed"])
+    for key in ("map", "map_smooth"):
+        assert a[key].dtype == np.float32 and a[key].shape == b[key].shape
+        assert np.abs(a[key] - b[key]).max(initial=0) <= tol, key
+
+
+def bad_inputs(folder: Path) -> list[Path]:
+    """Inputs the runtime must report per item, next to good ones."""
+    folder.mkdir()
+    (folder / "garbage.png").write_bytes(b"\x89PNG garbage")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # hidden: skipped
+    shutil.copy(pydicom_file("test-SR.dcm"), folder / "report.dcm")
+    data = Path(pydicom_file("CT_small.dcm")).read_bytes()
+    (folder / "cut_header.dcm").write_bytes(data[:2000])
+    shutil.copy(pydicom_file("MR_small.dcm"), folder / "mr.dcm")
+    shutil.copy(pydicom_file("MR_small.dcm"), folder / "mr_copy.dcm")  # same SOPInstanceUID
+    (folder / "empty_dir").mkdir()
+    return [folder, folder / "empty_dir", folder.parent / "missing.png"]
+
+
+def test_scores_maps_and_errors_equal_python(native_bin, engine_dir, tmp_path):
+    images = write_test_images(tmp_path / "png")
+    Image.fromarray(np.asarray(Image.open(images[3]))).save(tmp_path / "png" / "photo.jpg", quality=90)
+    write_ct_series(tmp_path / "series", [7.5, 0.0, 2.5, 5.0, 10.0, 12.5, 15.0, 17.5, 20.0])
+    multi = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    frame = multi.pixel_array
+    multi.NumberOfFrames = 2
+    multi.PixelData = np.stack([frame, frame.T]).tobytes()
+    multi.SOPInstanceUID = multi.SeriesInstanceUID = pydicom.uid.generate_uid()
+    multi.save_as(tmp_path / "multiframe.dcm")
+    inputs = [tmp_path / "png", tmp_path / "series", tmp_path / "multiframe.dcm", *bad_inputs(tmp_path / "bad"),
+              tmp_path / "png"]  # a repeated argument is read once
+    run_native(native_bin, "score", engine_dir, *inputs, "--out", tmp_path / "native", "--save-maps", "--quiet")
+    python_score(engine_dir, inputs, tmp_path / "python")
+    assert_same_results(tmp_path / "native", tmp_path / "python")
+    rows = read_rows(tmp_path / "native")
+    assert sum("error" in r for r in rows) == 8 and sum("score" in r for r in rows) == 5 + 9 + 2 + 1
+    series = [r for r in rows if "series" in r and "(series" in r["series"]]
+    assert [r["slice"] for r in series] == list(range(9))
+    assert [r["slice_position"] for r in series] == sorted(r["slice_position"] for r in series)
+
+
+def test_fp16_engine_equal_python(native_bin, tmp_path):
+    engine = tmp_path / "engine16"
+    export_model(load_bundle(DEMO_BUNDLE), engine, "fp16", max_batch=4, graphs=("fused",), progress=False)
+    build(engine, "onnxruntime", "fp16", max_batch=4)
+    images = write_test_images(tmp_path / "png")[1:3]
+    run_native(native_bin, "score", engine, *images, "--out", tmp_path / "native", "--precision", "fp16",
+               "--save-maps", "--quiet")
+    python_score(engine, images, tmp_path / "python", "--precision", "fp16")
+    assert_same_results(tmp_path / "native", tmp_path / "python")
+
+
+def python_refusal(engine_dir: Path) -> str:
+    with pytest.raises(EngineMismatch) as info:
+        load_runner(engine_dir, "onnxruntime", "fp32")
+    return str(info.value)
+
+
+def test_engine_refused_with_the_python_loaders_message(native_bin, engine_dir, tmp_path):
+    engine = tmp_path / "engine"
+    shutil.copytree(engine_dir, engine)
+    image = write_test_images(tmp_path / "png")[0]
+    manifest_path = engine / "manifest.onnxruntime.fp32.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    def refusal() -> str:
+        proc = run_native(native_bin, "score", engine, image, "--out", tmp_path / "out", check=False)
+        assert proc.returncode == 2
+        prefix = "iqe-native score: error: "
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(prefix), proc.stderr
+        return line[len(prefix):]
+
+    for field, value in [("onnx_sha256", "0" * 64), ("backend_version", "0.0.1")]:
+        manifest_path.write_text(json.dumps(dict(manifest, **{field: value})))
+        assert refusal() == python_refusal(engine)
+    manifest_path.write_text(json.dumps(dict(manifest, onnx_file="gone.onnx")))
+    assert refusal() == python_refusal(engine)
+    manifest_path.unlink()
+    assert refusal() == python_refusal(engine)
+    # Extra fields (newer manifests) are read by name and ignored.
+    manifest_path.write_text(json.dumps(dict(manifest, future_field={"a": 1})))
+    assert run_native(native_bin, "score", engine, image, "--out", tmp_path / "ok", "--quiet").returncode == 0
+
+
+def test_c_api(native_bin, engine_dir, tmp_path):
+    """The ctest program: C callers get status codes and the runtime's messages, and
+    iqe_score_files writes what `iqe-native score` writes."""
+    images = [str(p) for p in write_test_images(tmp_path / "png")] + [str(tmp_path / "missing.png")]
+    proc = run_native(native_bin.parent / "iqe_c_api_test", tmp_path / "c_api", engine_dir, tmp_path / "from_c",
+                      *images)
+    assert "all checks passed" in proc.stdout
+    run_native(native_bin, "score", engine_dir, *images, "--out", tmp_path / "cli", "--save-maps", "--batch", "4",
+               "--quiet")
+    assert (tmp_path / "from_c" / "results.jsonl").read_text() == (tmp_path / "cli" / "results.jsonl").read_text()
