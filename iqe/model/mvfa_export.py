@@ -74,7 +74,7 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
     """
     import onnx
 
-    from iqe.engine.trt_lint import lint
+    from iqe.export.trt_lint import lint
     from iqe.export.onnx_export import OPSET, PRECISIONS, ExportInfo, GraphInfo, sha256_file, verify_with_onnxruntime
 
     if precision not in PRECISIONS:

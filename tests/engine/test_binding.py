@@ -166,8 +166,8 @@ def test_build_writes_the_artefact_that_load_opens(bundles, engine_a, images, mo
     for name, want in zip([o.name for o in raw.get_outputs()], raw.run(None, {"images": images})):
         np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-5, err_msg=name)
     assert sorted(p.name for p in engine_a.iterdir()) == [
-        "bundle.json", "export.fp32.json", "fused.fp32.onnx", "fused.fp32.optimized.onnx",
-        "manifest.onnxruntime.fp32.json"]
+        "bundle.json", "drift.onnxruntime.fp32.json", "drift.onnxruntime.fp32.md", "export.fp32.json",
+        "fused.fp32.onnx", "fused.fp32.optimized.onnx", "manifest.onnxruntime.fp32.json"]
 
 
 class FakeSession:
