@@ -81,7 +81,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from iqe.engine.runners import OrtRunner
+from iqe.engine.onnxruntime_backend import OrtRunner
 
 OUTPUTS = {outputs!r}
 SHAPES = {{k: [1] if k in {scores!r} else [-1, {size}] for k in OUTPUTS}}

@@ -116,7 +116,7 @@ class _Scorer:
 
     def __init__(self, opts: BulkOptions, engine_dir: str | None, image_size: int):
         from iqe.engine.build import make_runner
-        from iqe.engine.runners import OrtRunner
+        from iqe.engine.onnxruntime_backend import OrtRunner
 
         t0 = time.perf_counter()
         self.opts = opts
