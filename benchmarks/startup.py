@@ -12,7 +12,10 @@ Measures, each in a fresh process so nothing is warm but the OS page cache:
 - `iqe score ONE.png --backend onnxruntime --batch 1`: wall time and peak RSS of the
   whole CLI process, and its overhead = wall time - model time, where model time is
   one warm `runner.infer` at batch 1 on the preprocessed image (median of 3);
-- the import time of the CLI's scoring path, and whether torch gets imported.
+- the import time of the CLI's scoring path, and whether torch or MONAI gets imported;
+- a whole `iqe score` run over 16 PNGs (start-up included, default batch) against the
+  reference loop's model-only rate in the same run (`iqe.bench.reference_loop`, eager
+  PyTorch; the better of batch 1 and batch 8, each over 8 of the preprocessed PNGs).
 
 Preparation (bundle, export, build) is not timed; it goes to --work (kept between runs).
 """
@@ -129,7 +132,26 @@ IMPORTS = """
 import sys, time
 t0 = time.perf_counter()
 import iqe.cli, iqe.engine.build, iqe.runtime.scoring
-print(time.perf_counter() - t0, "torch" in sys.modules)
+print(time.perf_counter() - t0, "torch" in sys.modules, "monai" in sys.modules)
+"""
+
+REFERENCE_RATE = """
+import json, time
+import numpy as np
+from iqe.bench.reference_loop import ReferenceLoopRunner
+from iqe.model.bundle import load_bundle
+from iqe.model.preprocess import load_image
+runner = ReferenceLoopRunner(load_bundle({bundle!r}))
+images = np.stack([load_image(p, runner.image_size) for p in {pngs!r}][:8])
+rates = {{}}
+with runner:
+    runner.infer(images[:1])  # warm-up
+    for batch in (1, 8):
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            runner.infer(images[i : i + batch])
+        rates[batch] = len(images) / (time.perf_counter() - t0)
+print(json.dumps(rates))
 """
 
 
@@ -138,6 +160,7 @@ def main() -> int:
     parser.add_argument("--preset", default="vit-l-14-336")
     parser.add_argument("--work", type=Path, default=Path("/tmp/iqe-startup"), help="bundle, engine and cache")
     parser.add_argument("--repeats", type=int, default=2, help="CLI runs (the best is reported)")
+    parser.add_argument("--pngs", type=int, default=16, help="PNGs of the whole-run comparison (0: skip it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,9 +193,10 @@ def main() -> int:
         numbers["session_rss_mb"][label] = min(rss for _, rss, _ in runs)
 
     _, _, out = run_child(IMPORTS, env)
-    seconds, torch_imported = out.split()
+    seconds, torch_imported, monai_imported = out.split()
     numbers["import_s"] = round(float(seconds), 2)
     numbers["import_pulls_torch"] = torch_imported == "True"
+    numbers["import_pulls_monai"] = monai_imported == "True"
     _, _, out = run_child(MODEL_TIME.format(bundle=str(bundle), engine=str(engine), png=str(png)), env)
     model = json.loads(out)
     numbers["model_s"] = round(model["model_s"], 3)
@@ -182,11 +206,37 @@ def main() -> int:
     numbers["cli_wall_s"] = round(wall, 2)
     numbers["cli_overhead_s"] = round(wall - model["model_s"], 2)
     numbers["cli_peak_rss_mb"] = rss
+    if args.pngs:
+        numbers.update(whole_run(bundle, engine, args.work, args.pngs, env))
     numbers["loadavg_after"] = [round(x, 1) for x in os.getloadavg()]  # other work on the machine skews every number
     print(json.dumps(numbers, indent=2))
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
     return 0
+
+
+def whole_run(bundle: Path, engine: Path, work: Path, count: int, env: dict[str, str]) -> dict:
+    """A whole `iqe score` over `count` PNGs vs the reference loop's model-only rate, both measured now."""
+    import numpy as np
+    from PIL import Image
+
+    folder = work / f"pngs{count}"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    pngs = []
+    for i in range(count):
+        pngs.append(folder / f"{i:02d}.png")
+        if not pngs[-1].is_file():
+            Image.fromarray(rng.integers(0, 255, (512, 512), dtype=np.uint8)).save(pngs[-1])
+    wall, rss = run_cli(["score", str(folder), "--model", str(bundle), "--engine", str(engine), "--backend",
+                         "onnxruntime", "--out", str(work / "out-pngs"), "--quiet"], env)
+    _, _, out = run_child(REFERENCE_RATE.format(bundle=str(bundle), pngs=[str(p) for p in pngs]), env)
+    reference = json.loads(out.splitlines()[-1])
+    best = max(reference.values())
+    return {"whole_run_pngs": count, "whole_run_wall_s": round(wall, 2), "whole_run_images_per_s": round(count / wall, 3),
+            "whole_run_peak_rss_mb": rss,
+            "reference_loop_images_per_s": {f"batch {b}": round(r, 3) for b, r in reference.items()},
+            "whole_run_vs_reference_loop": round(count / wall / best, 2)}
 
 
 def _cpu() -> str:

@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from monai.transforms import Compose
 from nibabel.filebasedimages import ImageFileError
 from pydicom.errors import InvalidDicomError
 
 from iqe.errors import InputError
 from iqe.runtime.transforms import (
     DEFAULT_PERCENTILES,
-    InvertMonochrome1d,
-    ScaleToUint8d,
-    ToModelInputd,
+    InvertMonochrome1,
+    ScaleToUint8,
+    ToModelInput,
     Window,
+    voi_to_uint8,
 )
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -165,14 +165,12 @@ def window_meta(window: Window, source: str, function: str = "LINEAR") -> dict[s
 
 
 @functools.lru_cache(maxsize=8)
-def _display_pipeline(size: int) -> Compose:
+def _display_pipeline(size: int) -> tuple[ScaleToUint8, InvertMonochrome1, ToModelInput]:
     """Values + per-item window -> 8 bits -> MONOCHROME1 inverted -> model input.
 
     Colour goes through it too (photometric "RGB": no inversion), scaled from its bit depth.
     """
-    return Compose([ScaleToUint8d("image", percentiles=DEFAULT_PERCENTILES),
-                    InvertMonochrome1d("image", photometric_key="photometric"),
-                    ToModelInputd("image", size)])
+    return ScaleToUint8(percentiles=DEFAULT_PERCENTILES), InvertMonochrome1(), ToModelInput(size)
 
 
 def to_model_input(values: np.ndarray, window: Window | None, source: str, photometric: str, size: int,
@@ -187,6 +185,8 @@ def to_model_input(values: np.ndarray, window: Window | None, source: str, photo
         size: model input side.
         function: VOI LUT function of `window` (default ``LINEAR``, the DICOM window).
     """
-    out = _display_pipeline(size)({"image": values, "image_window": window, "image_window_function": function,
-                                   "photometric": photometric})
-    return out["image"], window_meta(out["image_window"], source, out["image_window_function"])
+    scale, invert, to_input = _display_pipeline(size)
+    applied = scale.window_for(values, window)
+    function = scale.function_for(window, function)
+    image = to_input(invert(voi_to_uint8(values, applied, function), photometric))
+    return image, window_meta(applied, source, function)

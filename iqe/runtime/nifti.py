@@ -11,13 +11,16 @@ import functools
 import logging
 import warnings
 from collections.abc import Container, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-from monai.transforms import Compose, LoadImage, Orientation
 
 from iqe.runtime.items import FILE_ERRORS, SliceItem, Source, describe, fallback_window, to_model_input, window_for
 from iqe.runtime.transforms import Window
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 NIFTI_DISPLAY_AXCODES = "LPS"  # frame NIfTI volumes are reoriented to before slicing (DICOM's)
 _AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of each RAS axis
@@ -35,6 +38,8 @@ def _nifti_loader() -> Compose:
     when nvImageCodec is absent; that concerns DICOM, which we decode with pydicom, so
     the warning is silenced here.
     """
+    from monai.transforms import Compose, LoadImage, Orientation  # lazy: MONAI imports torch; only NIfTI needs it
+
     plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     level = plugin_log.level
     plugin_log.setLevel(logging.ERROR)

@@ -1,10 +1,13 @@
 """Array transforms from decoded pixels to the model input, MONAI style.
 
-Every step is an array transform doing the math plus a ``…d`` dictionary twin that holds
-one instance and applies it to each of its keys. The readers in `iqe.runtime.sources`
-compose them with `monai.transforms.Compose`, top to bottom:
+Every step is an array transform doing the math, a callable that `monai.transforms.Compose`
+accepts. `iqe.runtime.items.to_model_input` applies them top to bottom:
 
     values (HU, MR signal, 16-bit PNG) -> ScaleToUint8 -> InvertMonochrome1 -> ToModelInput
+
+They do not derive from MONAI's `Transform` (nor have MONAI ``…d`` dictionary twins):
+importing MONAI imports torch, and a PNG or DICOM run on ONNX Runtime must start without
+it (`iqe score` start-up; MONAI is imported only when a NIfTI file is read).
 
 The model was trained on 8-bit images (PNG) read through PIL, so every source ends the
 same way: an 8-bit display image, then the exact PIL path of `iqe.model.preprocess`
@@ -14,16 +17,13 @@ same way: an 8-bit display image, then the exact PIL path of `iqe.model.preproce
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
-from typing import Any
 
 import numpy as np
-from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
-from monai.utils import TransformBackends
 from PIL import Image
 
 from iqe.model.preprocess import pil_to_tensor_array
+
+NUMPY = "numpy"  # the value of MONAI's TransformBackends.NUMPY, without importing MONAI (and torch)
 
 Window = tuple[float, float]  # (center, width), in the units of the array it is applied to
 
@@ -73,7 +73,7 @@ def voi_to_uint8(values: np.ndarray, window: Window, function: str = "LINEAR") -
     return np.rint(np.clip(display, 0.0, 255.0)).astype(np.uint8)
 
 
-class ScaleToUint8(Transform):
+class ScaleToUint8:
     """Map intensities to 8-bit display values through a window (`voi_to_uint8`).
 
     With a window ``(center, width)`` the DICOM window function `function` (default
@@ -90,7 +90,7 @@ class ScaleToUint8(Transform):
         function: VOI LUT function of a given window.
     """
 
-    backend = [TransformBackends.NUMPY]
+    backend = [NUMPY]
 
     def __init__(self, window: Window | None = None, percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
                  function: str = "LINEAR") -> None:
@@ -138,46 +138,7 @@ class ScaleToUint8(Transform):
         return voi_to_uint8(img, self.window_for(img, window), self.function_for(window, function))
 
 
-class ScaleToUint8d(MapTransform):
-    """Dictionary twin of `ScaleToUint8`.
-
-    For each key, ``data[f"{key}_{window_postfix}"]`` (when present and not None) is that
-    item's window and ``data[f"{key}_{window_postfix}_function"]`` its VOI function, taking
-    precedence over the instance's; after the call the window entry holds the
-    ``(center, width)`` actually applied and the function entry its function, so readers
-    can report them.
-
-    Args:
-        keys: keys of the arrays to scale.
-        window: default ``(center, width)``; None uses percentiles.
-        percentiles: ``(lower, upper)`` in percent when no window applies.
-        window_postfix: suffix of the per-key window entry.
-        allow_missing_keys: do not fail on absent keys.
-    """
-
-    backend = ScaleToUint8.backend
-
-    def __init__(self, keys: KeysCollection, window: Window | None = None,
-                 percentiles: tuple[float, float] = DEFAULT_PERCENTILES, window_postfix: str = "window",
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.scaler = ScaleToUint8(window, percentiles)
-        self.window_postfix = window_postfix
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            window_key = f"{key}_{self.window_postfix}"
-            given = d.get(window_key)
-            applied = self.scaler.window_for(d[key], given)
-            function = self.scaler.function_for(given, d.get(f"{window_key}_function"))
-            d[key] = voi_to_uint8(d[key], applied, function)
-            d[window_key] = applied
-            d[f"{window_key}_function"] = function
-        return d
-
-
-class InvertMonochrome1(Transform):
+class InvertMonochrome1:
     """Invert 8-bit display values of a MONOCHROME1 image (0 = white) to MONOCHROME2.
 
     DICOM applies the MONOCHROME1 inversion after the VOI window (PS3.3 C.7.6.3.1.2), so
@@ -187,7 +148,7 @@ class InvertMonochrome1(Transform):
     Layout: uint8, any shape. Backends: NumPy.
     """
 
-    backend = [TransformBackends.NUMPY]
+    backend = [NUMPY]
 
     def __call__(self, img: np.ndarray, photometric: str = "MONOCHROME1") -> np.ndarray:
         """Return ``255 - img`` for MONOCHROME1, else `img`.
@@ -204,32 +165,7 @@ class InvertMonochrome1(Transform):
         return 255 - img if photometric == "MONOCHROME1" else img
 
 
-class InvertMonochrome1d(MapTransform):
-    """Dictionary twin of `InvertMonochrome1`; the interpretation is read from `photometric_key`.
-
-    Args:
-        keys: keys of the uint8 arrays.
-        photometric_key: entry holding the Photometric Interpretation (absent: no inversion).
-        allow_missing_keys: do not fail on absent keys.
-    """
-
-    backend = InvertMonochrome1.backend
-
-    def __init__(self, keys: KeysCollection, photometric_key: str = "photometric",
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.inverter = InvertMonochrome1()
-        self.photometric_key = photometric_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        photometric = d.get(self.photometric_key, "MONOCHROME2")
-        for key in self.key_iterator(d):
-            d[key] = self.inverter(d[key], photometric)
-        return d
-
-
-class ToModelInput(Transform):
+class ToModelInput:
     """8-bit image -> model input through the exact PIL path of the reference.
 
     ``Image.fromarray`` (HxW -> mode L, HxWx3 -> RGB) then
@@ -243,7 +179,7 @@ class ToModelInput(Transform):
         size: output side length (240 for IQE-CLIP).
     """
 
-    backend = [TransformBackends.NUMPY]
+    backend = [NUMPY]
 
     def __init__(self, size: int = 240) -> None:
         self.size = size
@@ -257,25 +193,3 @@ class ToModelInput(Transform):
         if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
             raise TypeError(f"ToModelInput expects uint8 HxW or HxWx3, got {img.dtype} {img.shape}")
         return pil_to_tensor_array(Image.fromarray(np.ascontiguousarray(img)), self.size)
-
-
-class ToModelInputd(MapTransform):
-    """Dictionary twin of `ToModelInput`.
-
-    Args:
-        keys: keys of the uint8 images.
-        size: output side length.
-        allow_missing_keys: do not fail on absent keys.
-    """
-
-    backend = ToModelInput.backend
-
-    def __init__(self, keys: KeysCollection, size: int = 240, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.converter = ToModelInput(size)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d

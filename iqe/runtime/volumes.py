@@ -31,7 +31,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
-from scipy import ndimage
 
 from iqe.errors import InputError
 from iqe.atomic import atomic_write_text
@@ -219,6 +218,8 @@ def _checked(slice_maps: dict[int, np.ndarray], count: int, source: Source) -> d
 
 def _resize(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize to `shape` with pixel edges aligned (PIL's convention, which made the model input)."""
+    from scipy import ndimage  # lazy: only anomaly volumes (--volumes) need it, not every run's series summary
+
     return ndimage.zoom(m, (shape[0] / m.shape[0], shape[1] / m.shape[1]), order=1, mode="nearest",
                         grid_mode=True)
 

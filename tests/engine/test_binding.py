@@ -220,18 +220,44 @@ def test_gpu_providers_get_engine_cache_and_profiles_and_nothing_is_saved(bundle
         f"which this ONNX Runtime lacks; run `iqe build {engine} --backend onnxruntime --precision fp32`")
 
 
-def test_onnxruntime_runs_without_importing_torch(bundles, engine_a):
-    code = ("import sys, numpy as np\n"
-            "from iqe.engine.build import make_runner\n"
-            f"with make_runner({str(bundles['A'])!r}, 'onnxruntime', 'fp32', {str(engine_a)!r}) as r:\n"
-            "    out = r.infer(np.zeros((1, 3, 240, 240), np.float32))\n"
-            "print(sorted(out), 'torch' in sys.modules)")
+HEAVY = ("torch", "monai", "scipy.ndimage")  # what an ONNX Runtime run of PNG / DICOM files must not import
+
+
+def run_reporting_heavy_imports(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter; return its stdout lines, the last being which of HEAVY it imported."""
+    code += f"\nimport sys\nprint([m for m in {HEAVY!r} if m in sys.modules])"
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()
+
+
+def test_onnxruntime_runs_without_importing_torch(bundles, engine_a):
+    out = run_reporting_heavy_imports(
+        "import numpy as np\n"
+        "from iqe.engine.build import make_runner\n"
+        f"with make_runner({str(bundles['A'])!r}, 'onnxruntime', 'fp32', {str(engine_a)!r}) as r:\n"
+        "    print(sorted(r.infer(np.zeros((1, 3, 240, 240), np.float32))))")
     from iqe.export.graphs import HEAD_OUTPUTS
 
-    assert run.stdout.strip() == f"{sorted(HEAD_OUTPUTS)} False"
+    assert out == [str(sorted(HEAD_OUTPUTS)), "[]"]
+
+
+def test_score_pngs_and_dicom_on_onnxruntime_imports_no_heavy_module(bundles, engine_a, tmp_path):
+    from pydicom import examples
+
+    inputs = write_test_images(tmp_path / "in")[:2]
+    dicom = tmp_path / "in" / "ct.dcm"
+    dicom.write_bytes(Path(examples.get_path("ct")).read_bytes())
+    out = run_reporting_heavy_imports(
+        "from iqe.cli import main\n"
+        f"print(main(['score', *{[str(p) for p in inputs]!r}, {str(dicom)!r}, '--model', {str(bundles['A'])!r},"
+        f" '--engine', {str(engine_a)!r}, '--backend', 'onnxruntime', '--out', {str(tmp_path / 'out')!r},"
+        " '--quiet']))")
+    assert out[-2:] == ["0", "[]"]
+    results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in results) == sorted(map(str, [*inputs, dicom]))
+    assert all("error" not in r and np.isfinite(r["score"]) for r in results)
 
 
 def test_large_graphs_keep_their_weights_beside_the_artefact(bundles, engine_a, images, tmp_path, monkeypatch):

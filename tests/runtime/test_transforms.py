@@ -1,4 +1,4 @@
-"""Array transforms and their dictionary twins against analytic cases."""
+"""Array transforms and the display pipeline against analytic cases."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ from monai.transforms import Compose
 from PIL import Image
 
 from iqe.model.preprocess import pil_to_tensor_array
-from iqe.runtime.transforms import (
-    InvertMonochrome1,
-    InvertMonochrome1d,
-    ScaleToUint8,
-    ScaleToUint8d,
-    ToModelInput,
-    ToModelInputd,
-)
+from iqe.runtime.items import to_model_input
+from iqe.runtime.transforms import InvertMonochrome1, ScaleToUint8, ToModelInput
 
 
 def test_scale_window_is_the_dicom_linear_formula():
@@ -46,23 +40,26 @@ def test_scale_degenerate_and_nan_give_black():
     np.testing.assert_array_equal(out, [0, 0, 255])
 
 
-def test_scale_dict_uses_item_window_and_records_it():
-    t = ScaleToUint8d("image", window=(0.0, 2.0))
-    out = t({"image": np.array([0.0, 60.0, 100.0]), "image_window": (50.0, 100.0),
-             "image_window_function": "LINEAR_EXACT"})
-    np.testing.assert_array_equal(out["image"], [0, 153, 255])  # LINEAR_EXACT: 0..100 -> 0..255
-    assert out["image_window"] == (50.0, 100.0) and out["image_window_function"] == "LINEAR_EXACT"
-    out = t({"image": np.array([-1.0, 0.0, 1.0])})  # no item window: the instance's (LINEAR 0/2: -1..0 -> 0..255)
-    np.testing.assert_array_equal(out["image"], [0, 255, 255])
-    assert out["image_window"] == (0.0, 2.0) and out["image_window_function"] == "LINEAR"
+def test_display_pipeline_uses_the_item_window_and_records_it():
+    values = np.array([[0.0, 60.0, 100.0]])
+    image, record = to_model_input(values, (50.0, 100.0), "file window", "MONOCHROME2", 3, function="LINEAR_EXACT")
+    expected = pil_to_tensor_array(Image.fromarray(np.array([[0, 153, 255]], np.uint8)), 3)  # 0..100 -> 0..255
+    assert image.tobytes() == expected.tobytes()
+    assert record == {"center": 50.0, "width": 100.0, "function": "LINEAR_EXACT", "source": "file window"}
+    # LINEAR 0/2 maps -1..0 onto 0..255: every value here is 255, then MONOCHROME1 inverts it
+    image, record = to_model_input(values, (0.0, 2.0), "override", "MONOCHROME1", 3)
+    expected = pil_to_tensor_array(Image.fromarray(255 - np.array([[255, 255, 255]], np.uint8)), 3)
+    assert image.tobytes() == expected.tobytes() and record["function"] == "LINEAR"
+    values = np.arange(1001, dtype=np.float64)[None]  # no window: the 0.5-99.5 percentile range, 5..995
+    _, record = to_model_input(values, None, "percentile", "MONOCHROME2", 3)
+    assert (record["center"], record["width"], record["function"]) == (pytest.approx(500.0), pytest.approx(990.0),
+                                                                        "LINEAR_EXACT")
 
 
 def test_invert_monochrome1_only():
     img = np.array([[0, 10], [200, 255]], dtype=np.uint8)
     np.testing.assert_array_equal(InvertMonochrome1()(img, "MONOCHROME1"), 255 - img)
     np.testing.assert_array_equal(InvertMonochrome1()(img, "MONOCHROME2"), img)
-    out = InvertMonochrome1d("image")({"image": img, "photometric": "MONOCHROME1"})
-    np.testing.assert_array_equal(out["image"], 255 - img)
     with pytest.raises(TypeError, match="uint8"):
         InvertMonochrome1()(img.astype(np.float32))
 
@@ -71,9 +68,8 @@ def test_invert_monochrome1_only():
 def test_to_model_input_is_the_pil_path(shape):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     expected = pil_to_tensor_array(Image.fromarray(img), 24)
-    out = Compose([ToModelInput(24)])(img)
+    out = Compose([ToModelInput(24)])(img)  # a plain callable, so MONAI pipelines can use it
     assert out.dtype == np.float32 and out.shape == (3, 24, 24)
     assert out.tobytes() == expected.tobytes()
-    assert ToModelInputd("image", 24)({"image": img})["image"].tobytes() == expected.tobytes()
     with pytest.raises(TypeError, match="uint8 HxW or HxWx3"):
         ToModelInput(24)(img.astype(np.uint16))
