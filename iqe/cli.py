@@ -41,7 +41,7 @@ STAGE_COMMANDS: list[str] = [
     "iqe.node",
     "iqe.export.triton",
     "iqe.runtime.bulk",
-    "iqe.model.bank",
+    "iqe.model.bank_command",
     "iqe.runtime.check",
     "iqe.calibration.cli",
 ]
