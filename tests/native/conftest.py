@@ -72,14 +72,21 @@ def preprocess_native(binary: Path, inputs: list[Path], out: Path, *extra: str) 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory) -> Path:
     """The demo bundle (tiny preset) exported (fused graph, fp32) and built for onnxruntime."""
+    out = tmp_path_factory.mktemp("engine")
+    export_engine(out, "fp32", max_batch=8)
+    return out
+
+
+def export_engine(out: Path, precision: str, max_batch: int) -> None:
+    """What `iqe export` + `iqe build` write: graphs, bundle.json (the bundle binding), manifest."""
     from iqe.engine.build import build
+    from iqe.engine.manifest import BundleRef
     from iqe.export.onnx_export import export_model
     from iqe.model.bundle import load_bundle
 
-    out = tmp_path_factory.mktemp("engine")
-    export_model(load_bundle(DEMO_BUNDLE), out, "fp32", max_batch=8, graphs=("fused",), progress=False)
-    build(out, "onnxruntime", "fp32", max_batch=8)
-    return out
+    export_model(load_bundle(DEMO_BUNDLE), out, precision, max_batch=max_batch, graphs=("fused",), progress=False)
+    BundleRef.of_bundle(DEMO_BUNDLE).write(out)
+    build(out, "onnxruntime", precision, max_batch=max_batch)
 
 
 def write_ct_series(folder: Path, positions: list[float], seed: int = 0, sagittal: bool = False) -> str:

@@ -4,11 +4,11 @@ Rules checked here:
 - 8-bit PNG (every colour type, bit depth <= 8, interlaced, palette, alpha) and JPEG:
   the model input equals the Python one bit for bit (same decoding, Pillow's resampling
   reproduced with its 22-bit fixed point, pass order and rounding).
-- DICOM: every model-input value within one grey level (1/255) of the Python one. The
-  window arithmetic (float64, same operation order) is equal today, so these come out
-  equal; the bound leaves room for the runtime's move to the DICOM LINEAR formula (a .5
-  rounded the other way). The 8-bit display image itself is checked against a plain
-  NumPy recomputation of the window rules.
+- DICOM: every model-input value within one grey level (1/255) of the Python one (the
+  window is highdicom's apply_voi_window with its float64 operation order, so they come
+  out equal in practice), and the same window record (center, width, function, source).
+  The 8-bit display image itself is checked against a plain NumPy recomputation of the
+  DICOM PS3.3 window formula.
 """
 
 from __future__ import annotations
@@ -102,9 +102,15 @@ def test_16bit_grey_png_min_max_and_override(native_bin, tmp_path):
         (python,) = python_items([tmp_path / "s16.png"], windows)
         np.testing.assert_array_equal(native["image"], python.image)
         assert native["extra"]["window"] == python.meta["window"]
-        # Independent: plain NumPy min-max (or window) to 8 bits.
-        lo, hi = (values.min(), values.max()) if windows is None else (15000, 25000)
-        expect = np.rint(np.clip((values.astype(np.float64) - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8)
+        # Independent, plain NumPy: min-max as a plain range; the override as the DICOM LINEAR
+        # window (PS3.3 C.11.2.1.2: c - w/2 .. c + w/2 - 1 onto 0..255).
+        x = values.astype(np.float64)
+        if windows is None:
+            scaled = (x - values.min()) / (float(values.max()) - float(values.min())) * 255
+        else:
+            assert native["extra"]["window"]["function"] == "LINEAR"
+            scaled = ((x - (20000 - 0.5)) / (10000 - 1) + 0.5) * 255
+        expect = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
         np.testing.assert_array_equal(native["display"], expect)
 
 
@@ -183,7 +189,8 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
     by_name = {i["key"].rsplit("/", 1)[-1]: i for i in preprocess_native(native_bin, [folder], tmp_path / "out")}
     ct = pydicom.dcmread(folder / "ct_default_window.dcm")
     hu = ct.pixel_array.astype(np.float64) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
-    expect = np.rint(np.clip((hu - (40 - 200)) / 400 * 255, 0, 255))
+    # The CT default 40/400 is a DICOM LINEAR window like any other.
+    expect = np.rint(np.clip(((hu - 39.5) / 399 + 0.5) * 255, 0, 255))
     assert np.abs(by_name["ct_default_window.dcm"]["display"] - expect).max() <= 1
     mr = pydicom.dcmread(folder / "mr_percentile.dcm").pixel_array.astype(np.float64)
     lo, hi = np.percentile(mr, (0.5, 99.5))
