@@ -198,3 +198,27 @@ def test_c_api(native_bin, engine_dir, tmp_path):
     run_native(native_bin, "score", engine_dir, *images, "--out", tmp_path / "cli", "--save-maps", "--batch", "4",
                "--quiet")
     assert (tmp_path / "from_c" / "results.jsonl").read_text() == (tmp_path / "cli" / "results.jsonl").read_text()
+
+
+def test_output_folder_rules_like_iqe_score(native_bin, engine_dir, tmp_path):
+    """A folder of the user's is refused with check_out_dir's message; a rerun removes exactly the recorded files."""
+    from iqe.errors import InputError
+    from iqe.runtime.results import check_out_dir
+
+    images = write_test_images(tmp_path / "png")[:2]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    proc = run_native(native_bin, "score", engine_dir, *images, "--out", foreign, check=False)
+    with pytest.raises(InputError) as info:
+        check_out_dir(foreign)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"iqe-native score: error: {info.value}"
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing written
+
+    out = tmp_path / "run"
+    run_native(native_bin, "score", engine_dir, *images, "--out", out, "--save-maps", "--quiet")
+    assert sorted(p.name for p in (out / "maps").iterdir()) == ["000000.npz", "000001.npz"]
+    (out / "mine.txt").write_text("kept")
+    run_native(native_bin, "score", engine_dir, images[0], "--out", out, "--quiet")  # no maps this time
+    assert not (out / "maps").exists() and (out / "mine.txt").read_text() == "kept"
+    assert [r["path"] for r in read_rows(out)] == [str(images[0])]
