@@ -109,19 +109,15 @@ Manifest Manifest::read(const std::string& engine_dir, const std::string& backen
                              "; run `" + rebuild + "`");
     Manifest m;
     m.path = path;
-    m.backend = str_field(j, "backend");
-    m.backend_version = str_field(j, "backend_version");
-    m.precision = str_field(j, "precision");
-    m.graph = str_field(j, "graph");
-    m.onnx_file = str_field(j, "onnx_file");
-    m.onnx_sha256 = str_field(j, "onnx_sha256");
-    m.bundle_sha256 = str_field(j, "bundle_sha256");
-    m.config_sha256 = str_field(j, "config_sha256");
-    m.device = str_field(j, "device");
-    m.compute_capability = str_field(j, "compute_capability");
-    m.artefact = str_field(j, "artefact");
-    m.artefact_sha256 = str_field(j, "artefact_sha256");
-    m.iqe_version = str_field(j, "iqe_version");
+    using Text = std::string Manifest::*;
+    static const std::pair<const char*, Text> kTextFields[] = {
+        {"backend", &Manifest::backend}, {"backend_version", &Manifest::backend_version},
+        {"precision", &Manifest::precision}, {"graph", &Manifest::graph}, {"onnx_file", &Manifest::onnx_file},
+        {"onnx_sha256", &Manifest::onnx_sha256}, {"bundle_sha256", &Manifest::bundle_sha256},
+        {"config_sha256", &Manifest::config_sha256}, {"device", &Manifest::device},
+        {"compute_capability", &Manifest::compute_capability}, {"artefact", &Manifest::artefact},
+        {"artefact_sha256", &Manifest::artefact_sha256}, {"iqe_version", &Manifest::iqe_version}};
+    for (const auto& [key, member] : kTextFields) m.*member = str_field(j, key);  // null -> ""
     const auto& extra = j["extra"];
     if (extra.is_object()) {
         m.artefact_data = str_field(extra, "artefact_data");
