@@ -184,12 +184,14 @@ struct FrameName {
     std::string label;
 };
 
-FrameName name_of(const Source& source, const std::string& path, std::optional<int> first_index, int frame, int frames) {
+// `frame`: the stored frame number; `position`: its place in volume order (dicom.py name_of).
+FrameName name_of(const Source& source, const std::string& path, std::optional<int> first_index, int frame,
+                  int position, int frames) {
     if (!first_index) {
         if (frames == 1) return {path, std::nullopt, path};
-        return {path + "#" + std::to_string(frame), frame, path + " (frame " + std::to_string(frame) + ")"};
+        return {path + "#" + std::to_string(frame), position, path + " (frame " + std::to_string(frame) + ")"};
     }
-    int i = *first_index + frame;
+    int i = *first_index + position;
     return {source.series_uid + "#" + std::to_string(i), i,
             path + " (series " + source.series_uid + ", slice " + std::to_string(i) + ")"};
 }
@@ -279,6 +281,72 @@ bool frame_values(const Uint8* bytes, unsigned long length, int frame, std::size
     return true;
 }
 
+// dicom.py _FRAME_GROUPS: functional group sequences (PS3.3 C.7.6.16.2) -> what they carry per frame.
+const std::pair<DcmTagKey, std::vector<DcmTagKey>> kFrameGroups[] = {
+    {DCM_PixelValueTransformationSequence, {DCM_RescaleIntercept, DCM_RescaleSlope, DCM_RescaleType}},
+    {DCM_FrameVOILUTSequence, {DCM_WindowCenter, DCM_WindowWidth, DCM_VOILUTFunction, DCM_WindowCenterWidthExplanation}},
+    {DCM_PlanePositionSequence, {DCM_ImagePositionPatient}},
+    {DCM_PlaneOrientationSequence, {DCM_ImageOrientationPatient}},
+    {DCM_PixelMeasuresSequence, {DCM_PixelSpacing, DCM_SliceThickness}},
+};
+
+bool is_enhanced(DcmItem* ds) {
+    return ds->tagExists(DCM_PerFrameFunctionalGroupsSequence) || ds->tagExists(DCM_SharedFunctionalGroupsSequence);
+}
+
+// dicom.py frame_header: for an enhanced multi-frame object, the top-level header (less pixel
+// data and the group sequences) with the frame's functional group attributes lifted over it
+// (per-frame item first, else the shared one); nullptr for a classic object.
+std::unique_ptr<DcmItem> frame_header(DcmItem* ds, int frame) {
+    if (!is_enhanced(ds)) return nullptr;
+    auto flat = std::make_unique<DcmItem>();
+    for (unsigned long i = 0; i < ds->card(); ++i) {
+        DcmElement* e = ds->getElement(i);
+        const DcmTagKey tag = e->getTag();
+        if (tag == DCM_PerFrameFunctionalGroupsSequence || tag == DCM_SharedFunctionalGroupsSequence ||
+            tag == DCM_PixelData || tag == DCM_FloatPixelData || tag == DCM_DoubleFloatPixelData)
+            continue;
+        flat->insert(static_cast<DcmElement*>(e->clone()), true);
+    }
+    std::vector<DcmItem*> groups;
+    DcmItem* item = nullptr;
+    if (ds->findAndGetSequenceItem(DCM_PerFrameFunctionalGroupsSequence, item, frame).good() && item) groups.push_back(item);
+    if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, item, 0).good() && item) groups.push_back(item);
+    for (const auto& [sequence, tags] : kFrameGroups) {
+        DcmItem* found = nullptr;
+        for (DcmItem* g : groups)
+            if (g->findAndGetSequenceItem(sequence, found, 0).good() && found) break;
+            else found = nullptr;
+        if (!found) continue;
+        for (const auto& tag : tags) {
+            DcmElement* e = nullptr;
+            if (found->findAndGetElement(tag, e).good() && e) flat->insert(static_cast<DcmElement*>(e->clone()), true);
+        }
+    }
+    return flat;
+}
+
+// dicom.py _frame_order: frames of an enhanced object along the first frame's normal (ties:
+// stored order) when every frame is placed; else as stored.
+std::vector<int> frame_order(DcmItem* ds, int frames) {
+    std::vector<int> order(frames);
+    for (int f = 0; f < frames; ++f) order[f] = f;
+    if (frames == 1 || !is_enhanced(ds)) return order;
+    std::vector<DicomHeader> placed(frames);
+    for (int f = 0; f < frames; ++f) {
+        read_geometry(frame_header(ds, f).get(), &placed[f]);
+        if (!placed[f].position) return order;
+    }
+    const auto normal = *placed[0].normal;
+    std::vector<double> along(frames);
+    for (int f = 0; f < frames; ++f) {
+        const auto& p = *placed[f].position;
+        along[f] = p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2];
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return along[a] < along[b]; });
+    return order;
+}
+
 }  // namespace
 
 bool looks_like_dicom(const std::string& path) {
@@ -301,7 +369,7 @@ DicomHeader read_dicom_header(const std::string& path) {
 
 void read_dicom_items(const Source& source, const std::string& path, std::optional<int> first_index, int size,
                       const WindowOverrides& windows, bool keep_display, const std::function<void(Item&&)>& emit) {
-    FrameName first = name_of(source, path, first_index, 0, 1);
+    FrameName first = name_of(source, path, first_index, 0, 0, 1);
     auto error_item = [&](const FrameName& n, const std::string& message, const Json& extra) {
         Item item;
         item.key = n.key;
@@ -414,9 +482,14 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
     }
     const std::string modality = upper(get_string(ds, DCM_Modality));
 
-    for (int frame = 0; frame < frames; ++frame) {
-        FrameName n = name_of(source, path, first_index, frame, frames);
-        Json frame_meta = meta_of(ds);  // a fresh object per frame (Json objects share storage)
+    const std::vector<int> order = frame_order(ds, frames);
+    for (int position = 0; position < frames; ++position) {
+        const int frame = order[position];
+        FrameName n = name_of(source, path, first_index, frame, position, frames);
+        // An enhanced object's frame: its functional groups over the top level; else the top level.
+        std::unique_ptr<DcmItem> flat = frame_header(ds, frame);
+        DcmItem* hdr = flat ? flat.get() : static_cast<DcmItem*>(ds);
+        Json frame_meta = meta_of(hdr);  // a fresh object per frame (Json objects share storage)
         frame_meta.set("frame", frame);
         std::vector<double> values;
         if (std::string reason = frame_samples(frame, &values); !reason.empty()) {
@@ -448,7 +521,7 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
         } else {
             // Modality LUT (pydicom apply_modality_lut): LUT sequence, else rescale when both given.
             DcmItem* mlut = nullptr;
-            std::string slope_s = get_string(ds, DCM_RescaleSlope), intercept_s = get_string(ds, DCM_RescaleIntercept);
+            std::string slope_s = get_string(hdr, DCM_RescaleSlope), intercept_s = get_string(hdr, DCM_RescaleIntercept);
             auto slope = parse_double(split_values(slope_s)[0]), intercept = parse_double(split_values(intercept_s)[0]);
             std::function<void(std::vector<double>&)> modality_lut = [](std::vector<double>&) {};
             if (ds->findAndGetSequenceItem(DCM_ModalityLUTSequence, mlut, 0).good() && mlut != nullptr) {
@@ -495,10 +568,10 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
                 apply(over->first, "LINEAR", over->second);
                 done = true;
             }
-            if (!done && has_value(ds, DCM_WindowCenter) && has_value(ds, DCM_WindowWidth)) {
-                auto c = parse_double(split_values(get_string(ds, DCM_WindowCenter))[0]);
-                auto w = parse_double(split_values(get_string(ds, DCM_WindowWidth))[0]);
-                std::string function = upper(get_string(ds, DCM_VOILUTFunction));
+            if (!done && has_value(hdr, DCM_WindowCenter) && has_value(hdr, DCM_WindowWidth)) {
+                auto c = parse_double(split_values(get_string(hdr, DCM_WindowCenter))[0]);
+                auto w = parse_double(split_values(get_string(hdr, DCM_WindowWidth))[0]);
+                std::string function = upper(get_string(hdr, DCM_VOILUTFunction));
                 if (function.empty()) function = "LINEAR";
                 if (c && w && std::isfinite(*c) && std::isfinite(*w) && *w > 0) {
                     apply(Window{*c, *w}, function, "file window (" + function + ")");

@@ -232,3 +232,53 @@ def test_truncated_images_name_the_item_like_python(native_bin, tmp_path):
     for n, p in zip(native, python_items(inputs)):
         prefix = f"{n['key']}: cannot decode image ("
         assert n["error"].startswith(prefix) and p.error.startswith(prefix), (n["error"], p.error)
+
+
+def test_enhanced_multiframe_functional_groups_like_python(native_bin, tmp_path):
+    """Per-frame rescale and window, shared orientation, frames ordered along the normal (not as stored)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    mr = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds = copy.deepcopy(mr)
+    frames = np.stack([mr.pixel_array, mr.pixel_array[::-1], mr.pixel_array[:, ::-1] // 2])
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.astype(mr.pixel_array.dtype).tobytes()
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+
+    def group(**sequences):
+        item = Dataset()
+        for name, attrs in sequences.items():
+            inner = Dataset()
+            for k, v in attrs.items():
+                setattr(inner, k, v)
+            setattr(item, name, Sequence([inner]))
+        return item
+
+    per_frame = []
+    for f, (z, slope) in enumerate([(5.0, 1.0), (-5.0, 2.0), (0.0, 0.5)]):  # stored order is not volume order
+        groups = {"PlanePositionSequence": {"ImagePositionPatient": [0.0, 0.0, z]},
+                  "PixelValueTransformationSequence": {"RescaleSlope": slope, "RescaleIntercept": -3.0 * f,
+                                                       "RescaleType": "US"}}
+        if f == 1:
+            groups["FrameVOILUTSequence"] = {"WindowCenter": 900.0, "WindowWidth": 1200.0}
+        per_frame.append(group(**groups))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.SharedFunctionalGroupsSequence = Sequence([group(
+        PlaneOrientationSequence={"ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]})])
+    ds.SOPInstanceUID = ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "enhanced.dcm")
+
+    native = preprocess_native(native_bin, [tmp_path / "enhanced.dcm"], tmp_path / "out")
+    python = python_items([tmp_path / "enhanced.dcm"])
+    assert [i["key"] for i in native] == [i.key for i in python]
+    assert [i.key.rsplit("#", 1)[1] for i in python] == ["1", "2", "0"]  # z = -5, 0, 5
+    for n, p in zip(native, python):
+        assert n["error"] is None and p.error is None, (n["key"], n["error"], p.error)
+        assert np.abs(n["image"] - p.image).max() <= LEVEL + 1e-6, n["key"]
+        assert n["extra"]["window"] == p.meta["window"], n["key"]
+        assert n["extra"]["frame"] == p.meta["frame"]
+        assert n["extra"].get("slice_position") == pytest.approx(p.meta.get("slice_position"), abs=1e-9)
+    assert native[0]["extra"]["window"]["source"] == "file window (LINEAR)"  # frame 1's own window
