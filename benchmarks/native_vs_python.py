@@ -125,9 +125,12 @@ def main() -> int:
             from iqe.export.onnx_export import export_model
             from iqe.model.bundle import load_bundle
 
+            from iqe.engine.manifest import BundleRef
+
             engine = tmp / "engine"
             export_model(load_bundle(REPO / "iqe" / "data" / "demo_bundle"), engine, "fp32", max_batch=args.batch,
                          graphs=("fused",), progress=False)
+            BundleRef.of_bundle(REPO / "iqe" / "data" / "demo_bundle").write(engine)  # as `iqe export` records it
             build(engine, "onnxruntime", "fp32", max_batch=args.batch)
         png, series = make_inputs(tmp, args.slices)
         rows = []

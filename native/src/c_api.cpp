@@ -14,6 +14,7 @@
 
 struct iqe_engine {
     std::unique_ptr<iqe::Engine> engine;
+    std::string dir;  // as opened (for the run record)
 };
 
 namespace {
@@ -59,6 +60,7 @@ iqe_status iqe_engine_open(const char* engine_dir, const char* backend, const ch
         options.threads = threads;
         auto handle = std::make_unique<iqe_engine>();
         handle->engine = std::make_unique<iqe::Engine>(engine_dir, options);
+        handle->dir = engine_dir;
         *out = handle.release();
     });
 }
@@ -92,8 +94,17 @@ iqe_status iqe_score_files(iqe_engine* engine, const char* const* inputs, int n_
         options.batch = batch > 0 ? batch : 8;
         options.keep_maps = save_maps != 0;
         std::vector<std::string> paths(inputs, inputs + n_inputs);
-        auto results = iqe::score_inputs(*engine->engine, paths, options);
-        iqe::write_results(out_dir, results, save_maps != 0);
+        iqe::Json::Array input_list(paths.begin(), paths.end());
+        iqe::Json record = iqe::Json::object();
+        record.set("inputs", iqe::Json::array(std::move(input_list)))
+            .set("engine", iqe::normalize_path(engine->dir))
+            .set("runtime", "iqe-native")
+            .set("backend", engine->engine->manifest().backend)
+            .set("precision", engine->engine->manifest().precision)
+            .set("window", iqe::Json::array({}))
+            .set("save_maps", save_maps != 0);
+        iqe::RunOutput output(out_dir, record, save_maps != 0);
+        auto results = iqe::score_to_folder(*engine->engine, paths, options, output);
         if (scored) {
             *scored = 0;
             for (const auto& r : results) *scored += r.error ? 0 : 1;

@@ -184,12 +184,14 @@ struct FrameName {
     std::string label;
 };
 
-FrameName name_of(const Source& source, const std::string& path, std::optional<int> first_index, int frame, int frames) {
+// `frame`: the stored frame number; `position`: its place in volume order (dicom.py name_of).
+FrameName name_of(const Source& source, const std::string& path, std::optional<int> first_index, int frame,
+                  int position, int frames) {
     if (!first_index) {
         if (frames == 1) return {path, std::nullopt, path};
-        return {path + "#" + std::to_string(frame), frame, path + " (frame " + std::to_string(frame) + ")"};
+        return {path + "#" + std::to_string(frame), position, path + " (frame " + std::to_string(frame) + ")"};
     }
-    int i = *first_index + frame;
+    int i = *first_index + position;
     return {source.series_uid + "#" + std::to_string(i), i,
             path + " (series " + source.series_uid + ", slice " + std::to_string(i) + ")"};
 }
@@ -216,10 +218,13 @@ Json meta_of(DcmItem* ds) {
     return m;
 }
 
-Json window_record(std::optional<double> center, std::optional<double> width, const std::string& source) {
+// items.py window_meta: the record of a window applied.
+Json window_record(std::optional<double> center, std::optional<double> width, const std::string& function,
+                   const std::string& source) {
     Json r = Json::object();
     r.set("center", center ? Json(*center) : Json(nullptr));
     r.set("width", width ? Json(*width) : Json(nullptr));
+    r.set("function", function);
     r.set("source", source);
     return r;
 }
@@ -276,6 +281,72 @@ bool frame_values(const Uint8* bytes, unsigned long length, int frame, std::size
     return true;
 }
 
+// dicom.py _FRAME_GROUPS: functional group sequences (PS3.3 C.7.6.16.2) -> what they carry per frame.
+const std::pair<DcmTagKey, std::vector<DcmTagKey>> kFrameGroups[] = {
+    {DCM_PixelValueTransformationSequence, {DCM_RescaleIntercept, DCM_RescaleSlope, DCM_RescaleType}},
+    {DCM_FrameVOILUTSequence, {DCM_WindowCenter, DCM_WindowWidth, DCM_VOILUTFunction, DCM_WindowCenterWidthExplanation}},
+    {DCM_PlanePositionSequence, {DCM_ImagePositionPatient}},
+    {DCM_PlaneOrientationSequence, {DCM_ImageOrientationPatient}},
+    {DCM_PixelMeasuresSequence, {DCM_PixelSpacing, DCM_SliceThickness}},
+};
+
+bool is_enhanced(DcmItem* ds) {
+    return ds->tagExists(DCM_PerFrameFunctionalGroupsSequence) || ds->tagExists(DCM_SharedFunctionalGroupsSequence);
+}
+
+// dicom.py frame_header: for an enhanced multi-frame object, the top-level header (less pixel
+// data and the group sequences) with the frame's functional group attributes lifted over it
+// (per-frame item first, else the shared one); nullptr for a classic object.
+std::unique_ptr<DcmItem> frame_header(DcmItem* ds, int frame) {
+    if (!is_enhanced(ds)) return nullptr;
+    auto flat = std::make_unique<DcmItem>();
+    for (unsigned long i = 0; i < ds->card(); ++i) {
+        DcmElement* e = ds->getElement(i);
+        const DcmTagKey tag = e->getTag();
+        if (tag == DCM_PerFrameFunctionalGroupsSequence || tag == DCM_SharedFunctionalGroupsSequence ||
+            tag == DCM_PixelData || tag == DCM_FloatPixelData || tag == DCM_DoubleFloatPixelData)
+            continue;
+        flat->insert(static_cast<DcmElement*>(e->clone()), true);
+    }
+    std::vector<DcmItem*> groups;
+    DcmItem* item = nullptr;
+    if (ds->findAndGetSequenceItem(DCM_PerFrameFunctionalGroupsSequence, item, frame).good() && item) groups.push_back(item);
+    if (ds->findAndGetSequenceItem(DCM_SharedFunctionalGroupsSequence, item, 0).good() && item) groups.push_back(item);
+    for (const auto& [sequence, tags] : kFrameGroups) {
+        DcmItem* found = nullptr;
+        for (DcmItem* g : groups)
+            if (g->findAndGetSequenceItem(sequence, found, 0).good() && found) break;
+            else found = nullptr;
+        if (!found) continue;
+        for (const auto& tag : tags) {
+            DcmElement* e = nullptr;
+            if (found->findAndGetElement(tag, e).good() && e) flat->insert(static_cast<DcmElement*>(e->clone()), true);
+        }
+    }
+    return flat;
+}
+
+// dicom.py _frame_order: frames of an enhanced object along the first frame's normal (ties:
+// stored order) when every frame is placed; else as stored.
+std::vector<int> frame_order(DcmItem* ds, int frames) {
+    std::vector<int> order(frames);
+    for (int f = 0; f < frames; ++f) order[f] = f;
+    if (frames == 1 || !is_enhanced(ds)) return order;
+    std::vector<DicomHeader> placed(frames);
+    for (int f = 0; f < frames; ++f) {
+        read_geometry(frame_header(ds, f).get(), &placed[f]);
+        if (!placed[f].position) return order;
+    }
+    const auto normal = *placed[0].normal;
+    std::vector<double> along(frames);
+    for (int f = 0; f < frames; ++f) {
+        const auto& p = *placed[f].position;
+        along[f] = p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2];
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return along[a] < along[b]; });
+    return order;
+}
+
 }  // namespace
 
 bool looks_like_dicom(const std::string& path) {
@@ -298,7 +369,7 @@ DicomHeader read_dicom_header(const std::string& path) {
 
 void read_dicom_items(const Source& source, const std::string& path, std::optional<int> first_index, int size,
                       const WindowOverrides& windows, bool keep_display, const std::function<void(Item&&)>& emit) {
-    FrameName first = name_of(source, path, first_index, 0, 1);
+    FrameName first = name_of(source, path, first_index, 0, 0, 1);
     auto error_item = [&](const FrameName& n, const std::string& message, const Json& extra) {
         Item item;
         item.key = n.key;
@@ -411,9 +482,15 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
     }
     const std::string modality = upper(get_string(ds, DCM_Modality));
 
-    for (int frame = 0; frame < frames; ++frame) {
-        FrameName n = name_of(source, path, first_index, frame, frames);
-        Json frame_meta = meta_of(ds);  // a fresh object per frame (Json objects share storage)
+    const std::vector<int> order = frame_order(ds, frames);
+    for (int position = 0; position < frames; ++position) {
+        const int frame = order[position];
+        FrameName n = name_of(source, path, first_index, frame, position, frames);
+        // An enhanced object's frame: its functional groups over the top level; else the top level.
+        std::unique_ptr<DcmItem> flat = frame_header(ds, frame);
+        DcmItem* hdr = flat ? flat.get() : static_cast<DcmItem*>(ds);
+        Json frame_meta = meta_of(hdr);  // a fresh object per frame (Json objects share storage)
+        frame_meta.set("frame", frame);
         std::vector<double> values;
         if (std::string reason = frame_samples(frame, &values); !reason.empty()) {
             error_item(n, n.label + ": " + reason, frame_meta);
@@ -437,44 +514,48 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
                     for (int c = 0; c < 3; ++c) interleaved[3 * i + c] = values[c * plane + i];
                 values.swap(interleaved);
             }
-            const double full = std::pow(2.0, bits_stored) - 1;
-            Window w{full / 2, full};
+            const Window w = range_window(0.0, std::pow(2.0, bits_stored) - 1);
             display = Image8(cols, rows, 3);
-            window_to_uint8(values.data(), values.size(), w, WindowFunction::Range, display.pixels.data());
-            record = window_record(w.center, w.width, std::to_string(bits_stored) + "-bit colour");
+            voi_to_uint8(values.data(), values.size(), w, "LINEAR_EXACT", display.pixels.data());
+            record = window_record(w.center, w.width, "LINEAR_EXACT", std::to_string(bits_stored) + "-bit colour");
         } else {
             // Modality LUT (pydicom apply_modality_lut): LUT sequence, else rescale when both given.
             DcmItem* mlut = nullptr;
-            std::string slope_s = get_string(ds, DCM_RescaleSlope), intercept_s = get_string(ds, DCM_RescaleIntercept);
+            std::string slope_s = get_string(hdr, DCM_RescaleSlope), intercept_s = get_string(hdr, DCM_RescaleIntercept);
             auto slope = parse_double(split_values(slope_s)[0]), intercept = parse_double(split_values(intercept_s)[0]);
-            double y_min = is_signed ? -std::pow(2.0, bits_stored - 1) : 0.0;
-            double y_max = is_signed ? std::pow(2.0, bits_stored - 1) - 1 : std::pow(2.0, bits_stored) - 1;
+            std::function<void(std::vector<double>&)> modality_lut = [](std::vector<double>&) {};
             if (ds->findAndGetSequenceItem(DCM_ModalityLUTSequence, mlut, 0).good() && mlut != nullptr) {
-                Uint16 entries = 0, bits = 16;
+                Uint16 entries = 0;
                 Sint16 first_map = 0;
                 const Uint16* data = nullptr;
                 unsigned long count = 0;
                 mlut->findAndGetUint16(DCM_LUTDescriptor, entries, 0);
                 mlut->findAndGetSint16(DCM_LUTDescriptor, first_map, 1);
-                mlut->findAndGetUint16(DCM_LUTDescriptor, bits, 2);
                 mlut->findAndGetUint16Array(DCM_LUTData, data, &count);
                 const long n_entries = entries ? entries : 65536;
-                for (double& v : values) {
-                    long idx = v >= first_map ? long(v) - first_map : 0;
-                    idx = std::clamp(idx, 0L, std::min<long>(n_entries, long(count)) - 1);
-                    v = data ? double(data[idx]) : 0.0;
-                }
-                y_min = 0;
-                y_max = std::pow(2.0, bits) - 1;
+                modality_lut = [=](std::vector<double>& vs) {
+                    for (double& v : vs) {
+                        long idx = v >= first_map ? long(v) - first_map : 0;
+                        idx = std::clamp(idx, 0L, std::min<long>(n_entries, long(count)) - 1);
+                        v = data ? double(data[idx]) : 0.0;
+                    }
+                };
             } else if (slope && intercept) {
-                for (double& v : values) {
-                    v = v * *slope;
-                    v += *intercept;
-                }
-                y_min = y_min * *slope + *intercept;
-                y_max = y_max * *slope + *intercept;
+                const double a = *slope, b = *intercept;
+                modality_lut = [=](std::vector<double>& vs) {
+                    for (double& v : vs) {
+                        v = v * a;
+                        v += b;
+                    }
+                };
             }
+            modality_lut(values);
             display = Image8(cols, rows, 1);
+            // The runtime's intensity path (dicom.py _display), every window through voi_to_uint8.
+            auto apply = [&](Window w, const std::string& function, const std::string& source) {
+                voi_to_uint8(values.data(), values.size(), w, function, display.pixels.data());
+                record = window_record(w.center, w.width, function, source);
+            };
             bool done = false;
             auto over = [&]() -> std::optional<std::pair<Window, std::string>> {
                 auto it = windows.find(modality);
@@ -484,35 +565,37 @@ void read_dicom_items(const Source& source, const std::string& path, std::option
                 return std::nullopt;
             }();
             if (over) {
-                window_to_uint8(values.data(), values.size(), over->first, kOverrideWindowFunction, display.pixels.data());
-                record = window_record(over->first.center, over->first.width, over->second);
+                apply(over->first, "LINEAR", over->second);
                 done = true;
             }
-            if (!done && has_value(ds, DCM_WindowCenter) && has_value(ds, DCM_WindowWidth)) {
-                auto c = parse_double(split_values(get_string(ds, DCM_WindowCenter))[0]);
-                auto w = parse_double(split_values(get_string(ds, DCM_WindowWidth))[0]);
-                std::string function_raw = get_string(ds, DCM_VOILUTFunction);
-                std::string function = function_raw.empty() ? "LINEAR" : upper(function_raw);
-                if (c && w &&
-                    file_window_to_uint8(values.data(), values.size(), Window{*c, *w}, function, y_min, y_max,
-                                         display.pixels.data())) {
-                    record = window_record(*c, *w, "file window (" + (function_raw.empty() ? "LINEAR" : function_raw) + ")");
+            if (!done && has_value(hdr, DCM_WindowCenter) && has_value(hdr, DCM_WindowWidth)) {
+                auto c = parse_double(split_values(get_string(hdr, DCM_WindowCenter))[0]);
+                auto w = parse_double(split_values(get_string(hdr, DCM_WindowWidth))[0]);
+                std::string function = upper(get_string(hdr, DCM_VOILUTFunction));
+                if (function.empty()) function = "LINEAR";
+                if (c && w && std::isfinite(*c) && std::isfinite(*w) && *w > 0) {
+                    apply(Window{*c, *w}, function, "file window (" + function + ")");
                     done = true;
                 }
             }
+            // Greyscale of at most 8 stored bits: the full stored range after the Modality
+            // LUT (dicom.py _eight_bit_range), so it maps like its PNG twin.
+            const int stored_bits = get_us(ds, DCM_BitsStored, 16);
+            if (!done && stored_bits >= 1 && stored_bits <= 8) {
+                std::vector<double> ends = is_signed ? std::vector<double>{-std::pow(2.0, stored_bits - 1),
+                                                                           std::pow(2.0, stored_bits - 1) - 1}
+                                                     : std::vector<double>{0.0, std::pow(2.0, stored_bits) - 1};
+                modality_lut(ends);
+                apply(range_window(std::min(ends[0], ends[1]), std::max(ends[0], ends[1])), "LINEAR_EXACT",
+                      "8-bit full range");
+                done = true;
+            }
             if (!done) {
-                Window w;
-                std::string label;
-                if (modality == "CT") {
-                    w = Window{kCtWindow[0], kCtWindow[1]};
-                    label = "CT default";
-                    window_to_uint8(values.data(), values.size(), w, kOverrideWindowFunction, display.pixels.data());
-                } else {
-                    w = percentile_window(values.data(), values.size(), 0.5, 99.5);
-                    label = "percentile 0.5-99.5";
-                    window_to_uint8(values.data(), values.size(), w, WindowFunction::Range, display.pixels.data());
-                }
-                record = window_record(w.center, w.width, label);
+                if (modality == "CT")
+                    apply(Window{kCtWindow[0], kCtWindow[1]}, "LINEAR", "CT default");
+                else
+                    apply(percentile_window(values.data(), values.size(), 0.5, 99.5), "LINEAR_EXACT",
+                          "percentile 0.5-99.5");
             }
             if (photometric == "MONOCHROME1")  // inverted after the VOI window (PS3.3 C.7.6.3.1.2)
                 for (auto& v : display.pixels) v = std::uint8_t(255 - v);

@@ -2,8 +2,11 @@
 // headers of 1.21 or later drive any newer libonnxruntime).
 #include <onnxruntime_cxx_api.h>
 #include <sched.h>
+#include <sys/utsname.h>
 
 #include <algorithm>
+#include <fstream>
+#include <memory>
 #include <thread>
 
 #include "iqe/engine.hpp"
@@ -24,19 +27,28 @@ float half_to_float(std::uint16_t h) {
 
 class OrtBackend final : public Backend {
 public:
-    OrtBackend(const std::string& onnx_path, int threads)
+    OrtBackend(const std::string& onnx_path, int threads, bool optimize, const std::string& precision)
         : env_(ORT_LOGGING_LEVEL_ERROR, "iqe-native"), session_(nullptr) {
         Ort::SessionOptions opts;
-        // The Python OrtRunner's settings: every graph optimisation, one intra-op thread per CPU.
-        opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+        // The Python OrtRunner's settings: the artefact `iqe build` optimised is opened as it
+        // is (optimisation off, the same graph Python runs); one intra-op thread per CPU.
+        opts.SetGraphOptimizationLevel(optimize ? GraphOptimizationLevel::ORT_ENABLE_ALL
+                                                : GraphOptimizationLevel::ORT_DISABLE_ALL);
         opts.SetIntraOpNumThreads(threads > 0 ? threads : available_cpus());
         opts.SetLogSeverityLevel(3);
         // A GPU build of ONNX Runtime (onnxruntime-gpu's library): CUDA first, CPU for the
-        // rest, like the Python runner's provider preference (not executed here: CPU wheel).
+        // rest, fp32 without TF32, like the Python runner (not executed here: CPU wheel).
         const auto providers = Ort::GetAvailableProviders();
         if (std::find(providers.begin(), providers.end(), "CUDAExecutionProvider") != providers.end()) {
-            OrtCUDAProviderOptions cuda{};
-            opts.AppendExecutionProvider_CUDA(cuda);
+            const OrtApi& api = Ort::GetApi();
+            OrtCUDAProviderOptionsV2* cuda = nullptr;
+            Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
+            std::unique_ptr<OrtCUDAProviderOptionsV2, decltype(api.ReleaseCUDAProviderOptions)> guard(
+                cuda, api.ReleaseCUDAProviderOptions);
+            const char* keys[] = {"use_tf32"};
+            const char* values[] = {precision == "fp32" ? "0" : "1"};
+            Ort::ThrowOnError(api.UpdateCUDAProviderOptions(cuda, keys, values, 1));
+            opts.AppendExecutionProvider_CUDA_V2(*cuda);
         }
         session_ = Ort::Session(env_, onnx_path.c_str(), opts);
         Ort::AllocatorWithDefaultOptions alloc;
@@ -104,14 +116,38 @@ private:
 
 }  // namespace
 
-std::unique_ptr<Backend> make_onnxruntime_backend(const std::string& onnx_path, int threads) {
+std::unique_ptr<Backend> make_onnxruntime_backend(const std::string& onnx_path, int threads, bool optimize,
+                                                  const std::string& precision) {
     try {
-        return std::make_unique<OrtBackend>(onnx_path, threads);
+        return std::make_unique<OrtBackend>(onnx_path, threads, optimize, precision);
     } catch (const Ort::Exception& e) {
         throw Error(onnx_path + ": onnxruntime cannot load the graph (" + e.what() + ")");
     }
 }
 
 std::string onnxruntime_version() { return OrtGetApiBase()->GetVersionString(); }
+
+std::vector<std::string> onnxruntime_providers() { return Ort::GetAvailableProviders(); }
+
+// onnxruntime_backend.py OrtBackend.device / cpu_name.
+std::string onnxruntime_device() {
+    const auto providers = onnxruntime_providers();
+    for (const char* gpu : {"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+        if (std::find(providers.begin(), providers.end(), gpu) != providers.end()) return std::string("cuda (") + gpu + ")";
+    struct utsname u {};
+    const std::string machine = ::uname(&u) == 0 ? u.machine : "";
+    std::string cpu;
+    std::ifstream in("/proc/cpuinfo");
+    for (std::string line; std::getline(in, line);) {
+        if (line.rfind("model name", 0) == 0) {
+            cpu = line.substr(line.find(':') + 1);
+            const auto first = cpu.find_first_not_of(" \t"), last = cpu.find_last_not_of(" \t\r");
+            cpu = first == std::string::npos ? "" : cpu.substr(first, last - first + 1);
+            break;
+        }
+    }
+    if (cpu.empty()) cpu = "unknown";  // platform.processor() is "" on Linux
+    return "cpu (" + machine + ", " + cpu + ")";
+}
 
 }  // namespace iqe

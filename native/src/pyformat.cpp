@@ -137,7 +137,14 @@ void dump(const Json& j, std::string& out) {
                 else if (std::isinf(v)) out += v > 0 ? "Infinity" : "-Infinity";
                 else out += py_float(v);
             } else if constexpr (std::is_same_v<T, std::string>) dump_string(v, out);
-            else {
+            else if constexpr (std::is_same_v<T, std::shared_ptr<Json::Array>>) {
+                out += '[';
+                for (std::size_t i = 0; i < v->size(); ++i) {
+                    if (i) out += ", ";
+                    dump((*v)[i], out);
+                }
+                out += ']';
+            } else {
                 out += '{';
                 bool first = true;
                 for (const auto& kv : v->items) {

@@ -8,8 +8,12 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
 
 #include "iqe/errors.hpp"
+#include "iqe/sources.hpp"
 
 namespace fs = std::filesystem;
 
@@ -63,7 +67,7 @@ void put_u32(std::string& b, std::uint32_t v) {
 std::string zip_stored(const std::vector<std::pair<std::string, std::string>>& members) {
     std::string out, central;
     for (const auto& [name, data] : members) {
-        if (data.size() >= 0xFFFFFFFFu) throw Error("maps.npz: member " + name + " exceeds 4 GiB");
+        if (data.size() >= 0xFFFFFFFFu) throw Error("npz: member " + name + " exceeds 4 GiB");
         const std::uint32_t crc = std::uint32_t(crc32(0L, reinterpret_cast<const Bytef*>(data.data()), uInt(data.size())));
         const std::uint32_t offset = std::uint32_t(out.size());
         const std::uint16_t time = 0, date = (1980 - 1980) << 9 | 1 << 5 | 1;
@@ -144,47 +148,172 @@ void atomic_write(const std::string& path, const std::string& bytes) {
 Json result_json(const ItemResult& r) {
     Json row = Json::object();
     row.set("path", r.path);
+    if (!r.file.empty()) row.set("file", r.file);
+    if (r.number) row.set("item", std::int64_t(*r.number));
     for (const auto& kv : std::get<std::shared_ptr<Json::Object>>(r.extra.value)->items) row.set(kv.first, kv.second);
+    if (!r.flags.empty()) {
+        Json::Array flags(r.flags.begin(), r.flags.end());
+        row.set("flags", Json::array(std::move(flags)));
+    }
     if (r.error) {
         row.set("error", *r.error);
     } else {
         for (const auto& [k, v] : r.scores) row.set(k, std::isfinite(v) ? Json(v) : Json(nullptr));
+        if (!r.maps_file.empty()) row.set("maps", r.maps_file);
     }
     return row;
 }
 
-std::string write_results(const std::string& out_dir, const std::vector<ItemResult>& results, bool save_maps) {
-    std::error_code ec;
-    fs::create_directories(out_dir, ec);
-    if (ec) throw InputError(out_dir + ": cannot create the output folder (" + ec.message() + ")");
-    std::string lines;
-    for (const auto& r : results) lines += result_json(r).dump() + "\n";
-    const std::string jsonl = (fs::path(out_dir) / "results.jsonl").string();
-    atomic_write(jsonl, lines);
-    if (save_maps) {
-        std::vector<std::string> paths, failed;
-        std::vector<float> maps, smooth;
-        std::vector<long> item_shape;
-        for (const auto& r : results) {
-            if (r.error) {
-                failed.push_back(r.path);
-            } else if (!r.map.empty()) {
-                paths.push_back(r.path);
-                maps.insert(maps.end(), r.map.begin(), r.map.end());
-                smooth.insert(smooth.end(), r.map_smooth.begin(), r.map_smooth.end());
-                item_shape = r.map_shape;
-            }
-        }
-        if (paths.empty()) item_shape = {0, 0};  // the runtime's empty arrays: (0, 0, 0)
-        std::vector<long> shape{long(paths.size())};
-        shape.insert(shape.end(), item_shape.begin(), item_shape.end());
-        std::string npz = zip_stored({{"paths.npy", npy_unicode(paths)},
-                                      {"map.npy", npy_float32(maps, shape)},
-                                      {"map_smooth.npy", npy_float32(smooth, shape)},
-                                      {"failed.npy", npy_unicode(failed)}});
-        atomic_write((fs::path(out_dir) / "maps.npz").string(), npz);
+namespace {
+
+constexpr const char* kResults = "results.jsonl";
+constexpr const char* kRunRecord = ".iqe-run.jsonl";
+constexpr int kRecordVersion = 1;
+constexpr const char* kOutputDirs[] = {"maps", "overlays", "volumes"};
+
+std::string json_line(const std::string& key, const std::string& value) {
+    Json j = Json::object();
+    j.set(key, value);
+    return j.dump() + "\n";
+}
+
+void flush_and_sync(std::FILE* fh) {
+    std::fflush(fh);
+    ::fsync(::fileno(fh));
+}
+
+void fsync_dir(const std::string& dir) {
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+    if (dfd >= 0) {
+        ::fsync(dfd);
+        ::close(dfd);
     }
-    return jsonl;
+}
+
+// The files a previous run's record lists (a torn or foreign line is skipped).
+std::vector<std::string> recorded_files(const std::string& record) {
+    std::vector<std::string> files;
+    std::ifstream in(record);
+    std::string line;
+    while (std::getline(in, line)) {
+        try {
+            auto j = nlohmann::json::parse(line);
+            if (j.is_object() && j.contains("file") && j["file"].is_string()) files.push_back(j["file"]);
+        } catch (const nlohmann::json::exception&) {
+        }
+    }
+    return files;
+}
+
+// `out/name` when `name` is a plain relative path inside `out` (a record is data, never trusted blindly).
+std::optional<fs::path> safe_relative(const std::string& out, const std::string& name) {
+    fs::path p(name);
+    if (name.empty() || p.is_absolute()) return std::nullopt;
+    for (const auto& part : p)
+        if (part == "..") return std::nullopt;
+    return fs::path(out) / p;
+}
+
+}  // namespace
+
+// Keep in step with iqe/runtime/results.py check_out_dir: same checks, same messages.
+RunOutput::RunOutput(const std::string& out_dir, const Json& options, bool save_maps)
+    : out_(normalize_path(out_dir)), options_(options), save_maps_(save_maps) {
+    const std::string prefix = "--out " + out_ + ": ";
+    std::error_code ec;
+    if (fs::exists(out_, ec) && !fs::is_directory(out_, ec)) throw InputError(prefix + "is a file, not a folder");
+    fs::create_directories(out_, ec);
+    if (ec) throw InputError(prefix + "cannot create the folder (" + std::strerror(ec.value()) + ")");
+    if (::access(out_.c_str(), W_OK | X_OK) != 0) throw InputError(prefix + "folder is not writable");
+    const std::string probe = (fs::path(out_) / (".iqe-write-test-" + std::to_string(::getpid()))).string();
+    int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) throw InputError(prefix + "cannot write into the folder (" + std::strerror(errno) + ")");
+    ::close(fd);
+    ::unlink(probe.c_str());
+    if (!fs::is_regular_file(fs::path(out_) / kRunRecord)) {
+        std::vector<std::string> others;
+        for (const auto& entry : fs::directory_iterator(out_)) others.push_back(entry.path().filename().string());
+        std::sort(others.begin(), others.end());
+        if (!others.empty()) {
+            std::string shown;
+            for (std::size_t i = 0; i < others.size() && i < 3; ++i) shown += (i ? ", " : "") + others[i];
+            if (others.size() > 3) shown += " and " + std::to_string(others.size() - 3) + " more";
+            throw InputError(prefix + "folder is not empty (" + shown + ") and was not written by `iqe score` (no " +
+                             kRunRecord + "); choose a new or empty folder so no file of yours is mixed with or "
+                             "replaced by results");
+        }
+    }
+}
+
+RunOutput::~RunOutput() { close(); }
+
+std::string RunOutput::results_path() const { return (fs::path(out_) / kResults).string(); }
+
+void RunOutput::open() {
+    const std::string record = (fs::path(out_) / kRunRecord).string();
+    if (fs::is_regular_file(record)) {
+        std::set<std::string> seen;
+        for (const auto& name : recorded_files(record)) {
+            if (!seen.insert(name).second) continue;
+            auto path = safe_relative(out_, name);
+            std::error_code ec;
+            if (path && fs::is_regular_file(*path, ec)) fs::remove(*path, ec);
+        }
+        for (const char* sub : kOutputDirs) {
+            const fs::path folder = fs::path(out_) / sub;
+            std::error_code ec;
+            if (fs::is_directory(folder, ec) && fs::is_empty(folder, ec)) fs::remove(folder, ec);
+        }
+    }
+    Json header = Json::object();
+    header.set("iqe_run", kRecordVersion);
+    header.set("options", options_);
+    atomic_write(record, header.dump() + "\n" + json_line("file", kResults));
+    record_ = std::fopen(record.c_str(), "a");
+    atomic_write(results_path(), "");
+    results_ = std::fopen(results_path().c_str(), "a");
+    if (record_ == nullptr || results_ == nullptr)
+        throw InputError("--out " + out_ + ": cannot write into the folder (" + std::strerror(errno) + ")");
+    fsync_dir(out_);
+}
+
+std::string RunOutput::claim(const std::string& name) {
+    const std::string line = json_line("file", name);
+    std::fwrite(line.data(), 1, line.size(), record_);
+    std::fflush(record_);
+    const fs::path path = fs::path(out_) / name;
+    std::error_code ec;
+    fs::create_directories(path.parent_path(), ec);
+    return path.string();
+}
+
+void RunOutput::write(std::vector<ItemResult>& batch) {
+    std::string lines;
+    for (auto& r : batch) {
+        if (!r.error && save_maps_ && !r.maps.empty()) {
+            char name[32];
+            std::snprintf(name, sizeof name, "maps/%06ld.npz", r.number.value_or(0));
+            std::vector<std::pair<std::string, std::string>> members;
+            for (const auto& [key, values] : r.maps) members.emplace_back(key + ".npy", npy_float32(values, r.map_shape));
+            atomic_write(claim(name), zip_stored(members));
+            r.maps_file = name;
+        }
+        r.maps.clear();
+        r.maps.shrink_to_fit();
+        lines += result_json(r).dump() + "\n";
+    }
+    if (lines.empty()) return;
+    std::fwrite(lines.data(), 1, lines.size(), results_);
+    flush_and_sync(results_);
+}
+
+void RunOutput::close() {
+    for (std::FILE** fh : {&results_, &record_}) {
+        if (*fh == nullptr) continue;
+        flush_and_sync(*fh);
+        std::fclose(*fh);
+        *fh = nullptr;
+    }
 }
 
 }  // namespace iqe

@@ -234,9 +234,10 @@ std::optional<std::pair<Window, std::string>> override_for(const std::string& mo
     return std::nullopt;
 }
 
-Json window_record(Window w, const std::string& source) {
+// items.py window_meta: the record of a window applied.
+Json window_record(Window w, const std::string& source, const std::string& function) {
     Json r = Json::object();
-    r.set("center", w.center).set("width", w.width).set("source", source);
+    r.set("center", w.center).set("width", w.width).set("function", function).set("source", source);
     return r;
 }
 
@@ -245,20 +246,23 @@ void read_image(const Source& source, int size, const WindowOverrides& windows, 
     Item item;
     item.key = source.path;
     item.source = source.name();
+    item.file = source.path;
     const std::string suffix = suffix_of(source.path);
     try {
         std::vector<std::uint16_t> grey16;
         int w16 = 0, h16 = 0;
         Image8 img = decode_image_file(source.path, &grey16, &w16, &h16);
         if (!grey16.empty() || (w16 > 0 && h16 > 0)) {
-            // 16-bit grey: min..max of the image (or the "*" override) -> 0..255, like the
-            // runtime's high-bit path, then the 8-bit PIL path.
+            // 16-bit grey: min..max of the image as a plain range (LINEAR_EXACT), or the "*"
+            // override as a DICOM LINEAR window, like the runtime's high-bit path; then the
+            // 8-bit PIL path.
             std::vector<double> values(grey16.begin(), grey16.end());
             auto over = override_for("", windows);
             Window w = over ? over->first : percentile_window(values.data(), values.size(), 0.0, 100.0);
+            const std::string function = over ? "LINEAR" : "LINEAR_EXACT";
             img = Image8(w16, h16, 1);
-            window_to_uint8(values.data(), values.size(), w, WindowFunction::Range, img.pixels.data());
-            item.extra.set("window", window_record(w, over ? over->second : "min-max"));
+            voi_to_uint8(values.data(), values.size(), w, function, img.pixels.data());
+            item.extra.set("window", window_record(w, over ? over->second : "min-max", function));
         }
         item.image = to_model_input(img, size);
         if (keep_display) item.display = std::move(img);
@@ -305,6 +309,7 @@ void read_items(const Source& source, int size, const WindowOverrides& windows, 
             Item item;
             item.key = source.path;
             item.source = source.name();
+            item.file = source.path;
             item.error = source.error;
             emit(std::move(item));
             return;
@@ -316,18 +321,24 @@ void read_items(const Source& source, int size, const WindowOverrides& windows, 
             Item item;
             item.key = source.path;
             item.source = source.name();
+            item.file = source.path;
             item.error = source.path + ": NIfTI is not supported by iqe-native (use `iqe score`)";
             emit(std::move(item));
             return;
         }
         case SourceKind::Dicom:
-            detail::read_dicom_items(source, source.files[0], std::nullopt, size, windows, keep_display, emit);
+            detail::read_dicom_items(source, source.files[0], std::nullopt, size, windows, keep_display,
+                                     [&](Item&& item) {
+                                         item.file = source.files[0];
+                                         emit(std::move(item));
+                                     });
             return;
         case SourceKind::DicomSeries: {
             int index = 0;
             for (const auto& f : source.files) {
                 detail::read_dicom_items(source, f, index, size, windows, keep_display, [&](Item&& item) {
                     ++index;
+                    item.file = f;
                     emit(std::move(item));
                 });
             }

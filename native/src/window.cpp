@@ -2,90 +2,40 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace iqe {
-namespace {
 
-inline std::uint8_t rint_u8(double v) {  // after clipping to 0..255
-    return std::uint8_t(std::nearbyint(v));
-}
-
-// MONAI ScaleIntensityRange(a_min=lo, a_max=lo + width, b_min=0, b_max=255, clip=True) on
-// nan_to_num(values, nan=lo), then np.rint: the runtime's ScaleToUint8 step by step.
-void range_to_uint8(const double* values, std::size_t n, Window w, std::uint8_t* out) {
-    const double lo = w.center - w.width / 2;
-    const double a_max = lo + w.width;
-    const double span = a_max - lo;
-    for (std::size_t i = 0; i < n; ++i) {
-        double x = values[i];
-        if (std::isnan(x)) x = lo;
-        else if (std::isinf(x)) x = x > 0 ? 1.7976931348623157e308 : -1.7976931348623157e308;
-        double y = (x - lo) / span;
-        y = y * (255.0 - 0.0) + 0.0;
-        y = std::clamp(y, 0.0, 255.0);
-        out[i] = rint_u8(y);
-    }
-}
-
-// pydicom apply_windowing for one value: output in [y_min, y_max].
-double pydicom_window(double x, double center, double width, WindowFunction fn, double y_min, double y_max) {
-    const double y_range = y_max - y_min;
-    if (fn == WindowFunction::DicomSigmoid) return y_range / (1 + std::exp(-4 * (x - center) / width)) + y_min;
-    if (fn == WindowFunction::DicomLinear) {
-        center -= 0.5;
-        width -= 1;
-    }
-    if (x <= center - width / 2) return y_min;
-    if (x > center + width / 2) return y_max;
-    return ((x - center) / width + 0.5) * y_range + y_min;
-}
-
-}  // namespace
-
-void window_to_uint8(const double* values, std::size_t n, Window w, WindowFunction fn, std::uint8_t* out) {
-    if (!(w.width > 0)) {
+void voi_to_uint8(const double* values, std::size_t n, Window w, const std::string& function_in, std::uint8_t* out) {
+    const double c = w.center, width = w.width;
+    if (!(std::isfinite(c) && std::isfinite(width)) || width <= 0) {
         std::fill(out, out + n, std::uint8_t(0));
         return;
     }
-    if (fn == WindowFunction::Range) {
-        range_to_uint8(values, n, w, out);
-        return;
-    }
-    // A DICOM function straight onto 0..255 (the formula of the standard with y in 0..255).
+    std::string function = function_in;
+    if (function != "LINEAR" && function != "LINEAR_EXACT" && function != "SIGMOID") function = "LINEAR";
+    if (function == "LINEAR" && width <= 1) function = "LINEAR_EXACT";
+    const double output_scale = 255.0 - 0.0;
+    const double scale_factor = function == "LINEAR" ? output_scale / (width - 1) : output_scale / width;
+    const double window_min = c - width / 2.0;
+    const bool sigmoid = function == "SIGMOID";
     for (std::size_t i = 0; i < n; ++i) {
-        double x = std::isnan(values[i]) ? w.center - w.width : values[i];
-        double y = pydicom_window(x, w.center, w.width, fn, 0.0, 255.0);
-        out[i] = rint_u8(std::clamp(y, 0.0, 255.0));
+        double x = values[i];
+        if (std::isnan(x)) x = c - width;  // np.nan_to_num(nan=c - w, posinf=c + w, neginf=c - w)
+        else if (std::isinf(x)) x = x > 0 ? c + width : c - width;
+        double y;
+        if (sigmoid) {
+            const double exp_term = std::exp(-4.0 * (x - c) / width);  // inf far below: the limit 0 is right
+            y = (255.0 - 0.0) / (1.0 + exp_term) + 0.0;
+        } else {
+            y = (x - window_min) * scale_factor + 0.0;
+        }
+        y = std::clamp(y, 0.0, 255.0);
+        out[i] = std::uint8_t(std::nearbyint(y));
     }
 }
 
-bool file_window_to_uint8(const double* values, std::size_t n, Window w, const std::string& function,
-                          double y_min, double y_max, std::uint8_t* out) {
-    WindowFunction fn;
-    if (function == "LINEAR") {
-        if (w.width < 1) return false;
-        fn = WindowFunction::DicomLinear;
-    } else if (function == "LINEAR_EXACT") {
-        if (w.width <= 0) return false;
-        fn = WindowFunction::DicomLinearExact;
-    } else if (function == "SIGMOID") {
-        if (w.width <= 0) return false;
-        fn = WindowFunction::DicomSigmoid;
-    } else {
-        return false;
-    }
-    // The runtime maps the output range, found by windowing two values far outside the
-    // window, onto 0..255 (sources.py _file_voi), through ScaleToUint8.
-    const double probe_lo = w.center - 10 * std::fabs(w.width) - 1, probe_hi = w.center + 10 * std::fabs(w.width) + 1;
-    double l0 = pydicom_window(probe_lo, w.center, w.width, fn, y_min, y_max);
-    double l1 = pydicom_window(probe_hi, w.center, w.width, fn, y_min, y_max);
-    if (std::isnan(l0)) l0 = 0;  // not reached for finite windows
-    double lo = std::min(l0, l1), hi = std::max(l0, l1);
-    std::vector<double> display(n);
-    for (std::size_t i = 0; i < n; ++i) display[i] = pydicom_window(values[i], w.center, w.width, fn, y_min, y_max);
-    window_to_uint8(display.data(), n, Window{(lo + hi) / 2, hi - lo}, WindowFunction::Range, out);
-    return true;
-}
+Window range_window(double lo, double hi) { return Window{(lo + hi) / 2, hi - lo}; }
 
 Window percentile_window(const double* values, std::size_t n, double lo_pct, double hi_pct) {
     std::vector<double> finite;
@@ -106,8 +56,7 @@ Window percentile_window(const double* values, std::size_t n, double lo_pct, dou
         double diff = b - a;
         return gamma >= 0.5 ? b - diff * (1 - gamma) : a + diff * gamma;
     };
-    double lo = at(lo_pct), hi = at(hi_pct);
-    return Window{(lo + hi) / 2, hi - lo};
+    return range_window(at(lo_pct), at(hi_pct));
 }
 
 }  // namespace iqe

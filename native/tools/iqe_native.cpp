@@ -1,12 +1,13 @@
 // iqe-native: the native twin of `iqe score` on an engine directory.
 //
-//   iqe-native score ENGINE_DIR INPUT... --out DIR [--save-maps] [--batch N]
+//   iqe-native score ENGINE_DIR INPUT... --out DIR [--save-maps] [--batch N] [--model BUNDLE]
 //                    [--backend onnxruntime|tensorrt] [--precision fp32|fp16]
 //                    [--window MODALITY=C,W]... [--threads N] [--quiet]
 //   iqe-native preprocess INPUT... --out DIR [--size N] [--window ...]   (model inputs as .npy)
 //   iqe-native version
 //
-// Writes the same results.jsonl (and maps.npz with --save-maps) as `iqe score`.
+// Writes the same results.jsonl rows (and maps/NNNNNN.npz per item with --save-maps) and a run
+// record (.iqe-run.jsonl) like `iqe score`; see docs/native.md.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +27,7 @@ namespace {
 
 const char* kUsage =
     "usage: iqe-native score ENGINE_DIR INPUT... --out DIR [--save-maps] [--batch N (default 8)]\n"
+    "                        [--model BUNDLE (refuse an engine built from another bundle)]\n"
     "                        [--backend onnxruntime|tensorrt (default onnxruntime)] [--precision fp32|fp16 (default fp32)]\n"
     "                        [--window MODALITY=C,W | C,W]... [--threads N (default: all CPUs)] [--quiet]\n"
     "       iqe-native preprocess INPUT... --out DIR [--size N (default 240)] [--window ...]\n"
@@ -37,7 +39,7 @@ struct Args {
     std::string out;
     bool save_maps = false, quiet = false, preprocess_only = false;
     int batch = 8, threads = 0, size = 240, repeat = 10;
-    std::string backend = "onnxruntime", precision = "fp32";
+    std::string backend = "onnxruntime", precision = "fp32", model;
     iqe::WindowOverrides windows;
 };
 
@@ -66,6 +68,7 @@ Args parse(int argc, char** argv, int first, bool needs_out = true) {
         else if (s == "--repeat") a.repeat = to_int(s, value());
         else if (s == "--backend") a.backend = value();
         else if (s == "--precision") a.precision = value();
+        else if (s == "--model") a.model = value();
         else if (s == "--window") {
             auto [key, window] = iqe::parse_window(value());
             a.windows[key] = window;
@@ -79,10 +82,26 @@ Args parse(int argc, char** argv, int first, bool needs_out = true) {
 
 int cmd_score(const Args& a) {
     if (a.positional.size() < 2) throw iqe::InputError("the following arguments are required: ENGINE_DIR INPUT...");
+    std::vector<std::string> inputs(a.positional.begin() + 1, a.positional.end());
+    // The output folder is checked before the engine is loaded (like `iqe score`).
+    iqe::Json::Array input_list(inputs.begin(), inputs.end()), window_list;
+    for (const auto& [key, w] : a.windows)
+        window_list.emplace_back(key + "=" + iqe::py_float(w.center) + "," + iqe::py_float(w.width));
+    iqe::Json record = iqe::Json::object();
+    record.set("inputs", iqe::Json::array(std::move(input_list)))
+        .set("engine", iqe::normalize_path(a.positional[0]))
+        .set("model", a.model.empty() ? iqe::Json(nullptr) : iqe::Json(iqe::normalize_path(a.model)))
+        .set("runtime", "iqe-native")
+        .set("backend", a.backend)
+        .set("precision", a.precision)
+        .set("window", iqe::Json::array(std::move(window_list)))
+        .set("save_maps", a.save_maps);
+    iqe::RunOutput output(a.out, record, a.save_maps);
     iqe::EngineOptions eo;
     eo.backend = a.backend;
     eo.precision = a.precision;
     eo.threads = a.threads;
+    eo.bundle = a.model;
     iqe::Engine engine(a.positional[0], eo);
     iqe::ScoreOptions so;
     so.batch = a.batch;
@@ -92,9 +111,8 @@ int cmd_score(const Args& a) {
     if (!a.quiet) so.on_item = [&n](const iqe::ItemResult&) {
         if (++n % 50 == 0) std::fprintf(stderr, "scoring: %zu slices\r", n);
     };
-    std::vector<std::string> inputs(a.positional.begin() + 1, a.positional.end());
-    auto results = iqe::score_inputs(engine, inputs, so);
-    std::string written = iqe::write_results(a.out, results, a.save_maps);
+    auto results = iqe::score_to_folder(engine, inputs, so, output);
+    const std::string written = output.results_path();
     std::size_t failed = 0;
     for (const auto& r : results)
         if (r.error) {

@@ -72,14 +72,30 @@ def preprocess_native(binary: Path, inputs: list[Path], out: Path, *extra: str) 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory) -> Path:
     """The demo bundle (tiny preset) exported (fused graph, fp32) and built for onnxruntime."""
+    out = tmp_path_factory.mktemp("engine")
+    export_engine(out, "fp32", max_batch=8)
+    return out
+
+
+def export_engine(out: Path, precision: str, max_batch: int) -> None:
+    """What `iqe export` + `iqe build` write: graphs, bundle.json (the bundle binding), manifest.
+
+    The exporter's own fidelity verification and FP16 policy sweep (minutes on CPU) are left
+    to tests/export: parity here is native vs Python on whatever graph the engine holds, so
+    fp16 takes the everything-in-FP16 policy.
+    """
     from iqe.engine.build import build
+    from iqe.engine.manifest import BundleRef
     from iqe.export.onnx_export import export_model
+    from iqe.export.precision import PrecisionPolicy
     from iqe.model.bundle import load_bundle
 
-    out = tmp_path_factory.mktemp("engine")
-    export_model(load_bundle(DEMO_BUNDLE), out, "fp32", max_batch=8, graphs=("fused",), progress=False)
-    build(out, "onnxruntime", "fp32", max_batch=8)
-    return out
+    model = load_bundle(DEMO_BUNDLE)
+    policy = PrecisionPolicy.everything(model.cfg.vision.layers) if precision == "fp16" else None
+    export_model(model, out, precision, max_batch=max_batch, graphs=("fused",), progress=False, verify=False,
+                 policy=policy)
+    BundleRef.of_bundle(DEMO_BUNDLE).write(out)
+    build(out, "onnxruntime", precision, max_batch=max_batch)
 
 
 def write_ct_series(folder: Path, positions: list[float], seed: int = 0, sagittal: bool = False) -> str:

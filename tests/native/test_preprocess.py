@@ -4,11 +4,11 @@ Rules checked here:
 - 8-bit PNG (every colour type, bit depth <= 8, interlaced, palette, alpha) and JPEG:
   the model input equals the Python one bit for bit (same decoding, Pillow's resampling
   reproduced with its 22-bit fixed point, pass order and rounding).
-- DICOM: every model-input value within one grey level (1/255) of the Python one. The
-  window arithmetic (float64, same operation order) is equal today, so these come out
-  equal; the bound leaves room for the runtime's move to the DICOM LINEAR formula (a .5
-  rounded the other way). The 8-bit display image itself is checked against a plain
-  NumPy recomputation of the window rules.
+- DICOM: every model-input value within one grey level (1/255) of the Python one (the
+  window is highdicom's apply_voi_window with its float64 operation order, so they come
+  out equal in practice), and the same window record (center, width, function, source).
+  The 8-bit display image itself is checked against a plain NumPy recomputation of the
+  DICOM PS3.3 window formula.
 """
 
 from __future__ import annotations
@@ -102,9 +102,15 @@ def test_16bit_grey_png_min_max_and_override(native_bin, tmp_path):
         (python,) = python_items([tmp_path / "s16.png"], windows)
         np.testing.assert_array_equal(native["image"], python.image)
         assert native["extra"]["window"] == python.meta["window"]
-        # Independent: plain NumPy min-max (or window) to 8 bits.
-        lo, hi = (values.min(), values.max()) if windows is None else (15000, 25000)
-        expect = np.rint(np.clip((values.astype(np.float64) - lo) / (hi - lo) * 255, 0, 255)).astype(np.uint8)
+        # Independent, plain NumPy: min-max as a plain range; the override as the DICOM LINEAR
+        # window (PS3.3 C.11.2.1.2: c - w/2 .. c + w/2 - 1 onto 0..255).
+        x = values.astype(np.float64)
+        if windows is None:
+            scaled = (x - values.min()) / (float(values.max()) - float(values.min())) * 255
+        else:
+            assert native["extra"]["window"]["function"] == "LINEAR"
+            scaled = ((x - (20000 - 0.5)) / (10000 - 1) + 0.5) * 255
+        expect = np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
         np.testing.assert_array_equal(native["display"], expect)
 
 
@@ -183,7 +189,8 @@ def test_dicom_display_follows_the_window_rules(native_bin, tmp_path):
     by_name = {i["key"].rsplit("/", 1)[-1]: i for i in preprocess_native(native_bin, [folder], tmp_path / "out")}
     ct = pydicom.dcmread(folder / "ct_default_window.dcm")
     hu = ct.pixel_array.astype(np.float64) * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
-    expect = np.rint(np.clip((hu - (40 - 200)) / 400 * 255, 0, 255))
+    # The CT default 40/400 is a DICOM LINEAR window like any other.
+    expect = np.rint(np.clip(((hu - 39.5) / 399 + 0.5) * 255, 0, 255))
     assert np.abs(by_name["ct_default_window.dcm"]["display"] - expect).max() <= 1
     mr = pydicom.dcmread(folder / "mr_percentile.dcm").pixel_array.astype(np.float64)
     lo, hi = np.percentile(mr, (0.5, 99.5))
@@ -225,3 +232,53 @@ def test_truncated_images_name_the_item_like_python(native_bin, tmp_path):
     for n, p in zip(native, python_items(inputs)):
         prefix = f"{n['key']}: cannot decode image ("
         assert n["error"].startswith(prefix) and p.error.startswith(prefix), (n["error"], p.error)
+
+
+def test_enhanced_multiframe_functional_groups_like_python(native_bin, tmp_path):
+    """Per-frame rescale and window, shared orientation, frames ordered along the normal (not as stored)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    mr = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    ds = copy.deepcopy(mr)
+    frames = np.stack([mr.pixel_array, mr.pixel_array[::-1], mr.pixel_array[:, ::-1] // 2])
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.astype(mr.pixel_array.dtype).tobytes()
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+
+    def group(**sequences):
+        item = Dataset()
+        for name, attrs in sequences.items():
+            inner = Dataset()
+            for k, v in attrs.items():
+                setattr(inner, k, v)
+            setattr(item, name, Sequence([inner]))
+        return item
+
+    per_frame = []
+    for f, (z, slope) in enumerate([(5.0, 1.0), (-5.0, 2.0), (0.0, 0.5)]):  # stored order is not volume order
+        groups = {"PlanePositionSequence": {"ImagePositionPatient": [0.0, 0.0, z]},
+                  "PixelValueTransformationSequence": {"RescaleSlope": slope, "RescaleIntercept": -3.0 * f,
+                                                       "RescaleType": "US"}}
+        if f == 1:
+            groups["FrameVOILUTSequence"] = {"WindowCenter": 900.0, "WindowWidth": 1200.0}
+        per_frame.append(group(**groups))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.SharedFunctionalGroupsSequence = Sequence([group(
+        PlaneOrientationSequence={"ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]})])
+    ds.SOPInstanceUID = ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "enhanced.dcm")
+
+    native = preprocess_native(native_bin, [tmp_path / "enhanced.dcm"], tmp_path / "out")
+    python = python_items([tmp_path / "enhanced.dcm"])
+    assert [i["key"] for i in native] == [i.key for i in python]
+    assert [i.key.rsplit("#", 1)[1] for i in python] == ["1", "2", "0"]  # z = -5, 0, 5
+    for n, p in zip(native, python):
+        assert n["error"] is None and p.error is None, (n["key"], n["error"], p.error)
+        assert np.abs(n["image"] - p.image).max() <= LEVEL + 1e-6, n["key"]
+        assert n["extra"]["window"] == p.meta["window"], n["key"]
+        assert n["extra"]["frame"] == p.meta["frame"]
+        assert n["extra"].get("slice_position") == pytest.approx(p.meta.get("slice_position"), abs=1e-9)
+    assert native[0]["extra"]["window"]["source"] == "file window (LINEAR)"  # frame 1's own window

@@ -11,8 +11,8 @@
 
 namespace iqe {
 
-// manifest.<backend>.<precision>.json, read by field name (unknown fields are ignored, so
-// manifests from newer builds with more fields still load).
+// manifest.<backend>.<precision>.json of manifest schema 2 (iqe/engine/manifest.py Manifest):
+// exactly its fields, or the engine is refused as stale, like the Python loader.
 struct Manifest {
     std::string backend;
     std::string backend_version;
@@ -20,24 +20,46 @@ struct Manifest {
     std::string graph;
     std::string onnx_file;
     std::string onnx_sha256;
+    std::string bundle_sha256;        // "" when null (exported without a bundle record)
     std::string config_sha256;
     std::string device;
-    std::string compute_capability;  // "" when null
+    std::string compute_capability;   // "" when null
     std::array<int, 3> batch_images{1, 8, 32};  // batch_profile["images"]: min, opt, max
-    std::string plan_file;  // "" when null
-    std::string path;       // where it was read from
+    std::string artefact;             // the file the runner loads (optimised ONNX, TensorRT plan)
+    std::string artefact_sha256;
+    std::string artefact_data;        // extra.artefact_data: the artefact's external weights, "" when none
+    std::vector<std::string> providers;  // extra.providers (onnxruntime)
+    bool optimized = false;           // extra.optimized: the artefact is already optimised (opened as is)
+    std::string iqe_version;
+    std::string path;                 // where it was read from
 
     static std::string file_name(const std::string& backend, const std::string& precision);
-    // Throws EngineMismatch when the file is missing (the Python loader's message).
+    // Throws EngineMismatch with Manifest.read's messages: missing, unreadable, another
+    // schema, other fields.
     static Manifest read(const std::string& engine_dir, const std::string& backend, const std::string& precision);
 };
 
-// The Python loader's check_manifest: the ONNX file exists and matches its sha256, the
-// backend version is the one here, and (TensorRT) the device matches. Throws
-// EngineMismatch naming the first differing field and the rebuild command, with the same
-// text as iqe.engine.manifest.check_manifest.
-void check_manifest(const Manifest& m, const std::string& engine_dir, const std::string& backend_version,
-                    const std::string& device, const std::string& compute_capability);
+// What the running machine offers, for the manifest check.
+struct MachineInfo {
+    std::string iqe_version;       // the iqe version this library was built with
+    std::string backend_version;
+    std::string device;            // the backend's device string, as the Python backend words it
+    std::string compute_capability;  // "" for None
+    std::vector<std::string> providers;  // onnxruntime execution providers available
+};
+
+// The Python loader's check_manifest (no bundle given): iqe version, backend version, the
+// ONNX graph and the artefact present and unchanged (sha256), then the backend's own
+// checks (providers, artefact weights, device). Throws EngineMismatch naming the first
+// reason with the rebuild command, in the same words as iqe.engine.manifest.
+void check_manifest(const Manifest& m, const std::string& engine_dir, const MachineInfo& machine);
+
+// With a bundle (`iqe score --model BUNDLE --engine DIR`): EngineMismatch unless the engine
+// was built from it (manifest.py check_bundle's message).
+void check_bundle(const Manifest& m, const std::string& engine_dir, const std::string& bundle_dir);
+
+// bundle.py bundle_sha256: sha256 over the hex sha256 of config.json and model.safetensors.
+std::string bundle_sha256(const std::string& bundle_dir);
 
 // Hex sha256 of a file's bytes.
 std::string sha256_file(const std::string& path);
@@ -66,6 +88,7 @@ struct EngineOptions {
     std::string backend = "onnxruntime";  // onnxruntime | tensorrt
     std::string precision = "fp32";       // fp32 | fp16
     int threads = 0;                      // intra-op threads; 0: the CPUs this process may use
+    std::string bundle;                   // when set, the engine must have been built from this bundle
 };
 
 // A checked engine directory with its backend, ready to infer.
@@ -92,7 +115,13 @@ private:
 };
 
 // Backend factories (defined by the backend sources compiled in).
-std::unique_ptr<Backend> make_onnxruntime_backend(const std::string& onnx_path, int threads);
+// `optimize`: let ONNX Runtime optimise at session creation (a raw export); false opens an
+// already optimised artefact as it is (what `iqe build` writes on CPU).
+std::unique_ptr<Backend> make_onnxruntime_backend(const std::string& onnx_path, int threads, bool optimize,
+                                                  const std::string& precision);
+std::vector<std::string> onnxruntime_providers();  // available execution providers
+// The onnxruntime backend's device string: "cuda (<provider>)" or "cpu (<machine>, <CPU model>)".
+std::string onnxruntime_device();
 std::unique_ptr<Backend> make_tensorrt_backend(const std::string& plan_path);
 std::string onnxruntime_version();
 std::string tensorrt_version();  // "" when built without TensorRT

@@ -41,8 +41,9 @@ iqe_status iqe_engine_score(iqe_engine* engine, const float* images, int batch, 
                             float* map_smooth);
 
 /* `iqe score` in one call: reads `inputs` (files and folders), scores them in batches of
- * `batch`, writes OUT_DIR/results.jsonl (and maps.npz when save_maps). Unreadable inputs
- * become error rows, as in the command line; *scored receives the number of scored items. */
+ * `batch`, writes OUT_DIR/results.jsonl and .iqe-run.jsonl (and maps/NNNNNN.npz per scored
+ * item when save_maps), like `iqe score`. Unreadable inputs become error rows, as in the
+ * command line; *scored receives the number of scored items. */
 iqe_status iqe_score_files(iqe_engine* engine, const char* const* inputs, int n_inputs, const char* out_dir,
                            int save_maps, int batch, int* scored);
 

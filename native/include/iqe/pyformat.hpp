@@ -20,7 +20,9 @@ std::string py_float(double x);
 // A JSON value with ordered object keys (json.dumps keeps dict insertion order).
 struct Json {
     struct Object;
-    using Value = std::variant<std::nullptr_t, bool, std::int64_t, double, std::string, std::shared_ptr<Object>>;
+    using Array = std::vector<Json>;
+    using Value = std::variant<std::nullptr_t, bool, std::int64_t, double, std::string, std::shared_ptr<Object>,
+                               std::shared_ptr<Array>>;
     Value value;
 
     Json() : value(nullptr) {}
@@ -34,6 +36,11 @@ struct Json {
     static Json object() {
         Json j;
         j.value = std::make_shared<Object>();
+        return j;
+    }
+    static Json array(Array items) {
+        Json j;
+        j.value = std::make_shared<Array>(std::move(items));
         return j;
     }
     // Appends (or replaces) a key of an object.

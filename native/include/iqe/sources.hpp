@@ -45,10 +45,11 @@ struct Item {
     std::string key;
     std::string source;
     std::optional<int> index;
+    std::string file;          // the file it was read from (a series slice names its own file)
     std::vector<float> image;  // [3, S, S]; empty when `error` is set
     Image8 display;            // the 8-bit display image before resizing (kept on request)
     std::optional<std::string> error;
-    Json extra = Json::object();  // results.jsonl context: modality, SOPInstanceUID, InstanceNumber, slice_position, window
+    Json extra = Json::object();  // reader facts: modality, SOPInstanceUID, InstanceNumber, slice_position, frame, window
 };
 
 // {MODALITY or "*": window}, validated (width > 0).

@@ -1,5 +1,6 @@
-// Intensities -> 8-bit display values: the window rules of the Python runtime
-// (iqe/runtime/transforms.py ScaleToUint8, sources.py _file_voi), in one place.
+// Intensities -> 8-bit display values: the one intensity formula of the Python runtime
+// (iqe/runtime/transforms.py voi_to_uint8: highdicom's apply_voi_window, the DICOM
+// PS3.3 C.11.2.1.2 VOI window onto 0..255) and the window choices that feed it.
 #pragma once
 
 #include <cstdint>
@@ -13,33 +14,20 @@ struct Window {
     double width = 0.0;
 };
 
-// The window function a window is applied with.
-//   Range:        [center - width/2, center + width/2] -> 0..255, linear, clipped (the
-//                 runtime's ScaleToUint8: overrides, modality defaults, percentile and
-//                 min-max ranges, colour bit depths).
-//   DicomLinear:  DICOM PS3.3 C.11.2.1.2 "LINEAR": x <= c - 0.5 - (w-1)/2 -> 0,
-//                 x > c - 0.5 + (w-1)/2 -> 255, else ((x - (c - 0.5)) / (w - 1) + 0.5) * 255.
-//   DicomLinearExact / DicomSigmoid: C.11.2.1.3.2 / C.11.2.1.3.1.
-enum class WindowFunction { Range, DicomLinear, DicomLinearExact, DicomSigmoid };
+// A DICOM VOI window onto 0..255, rounded half to even (np.rint), float64 steps in the
+// order of highdicom's apply_voi_window:
+//   LINEAR        (x - (c - w/2)) * (255 / (w - 1)), clipped (needs w > 1; narrower: LINEAR_EXACT)
+//   LINEAR_EXACT  (x - (c - w/2)) * (255 / w), clipped
+//   SIGMOID       255 / (1 + exp(-4 (x - c) / w))
+// Any other `function` is LINEAR. NaN -> c - w, +-inf -> c +- w (then clipped). A width
+// <= 0 or a non-finite window gives black.
+void voi_to_uint8(const double* values, std::size_t n, Window w, const std::string& function, std::uint8_t* out);
 
-// The function that --window overrides and the modality defaults (CT 40/400) use. The
-// Python runtime on this branch maps them as a plain range; the runtime rework (issue 8)
-// moves them to the DICOM LINEAR formula. Change it here (one line) to follow.
-constexpr WindowFunction kOverrideWindowFunction = WindowFunction::Range;
+// The LINEAR_EXACT window mapping lo to 0 and hi to 255 (transforms.py range_window).
+Window range_window(double lo, double hi);
 
-// Values -> uint8 through `w` with `fn`, rounding half to even (np.rint), NaN -> 0. A
-// width <= 0 gives black. Exactly the floating-point steps of the Python runtime.
-void window_to_uint8(const double* values, std::size_t n, Window w, WindowFunction fn, std::uint8_t* out);
-
-// The file's own window (DICOM VOI, pydicom's apply_windowing): values in the units of the
-// input -> [y_min, y_max]; then mapped onto 0..255 as the runtime does. `function` is the
-// (0028,1056) value. Returns false when pydicom would refuse the window (width < 1 for
-// LINEAR, <= 0 otherwise, unknown function): the caller falls back to the default.
-bool file_window_to_uint8(const double* values, std::size_t n, Window w, const std::string& function,
-                          double y_min, double y_max, std::uint8_t* out);
-
-// NumPy's np.percentile(values[finite], (lo, hi)) (method "linear") as a window
-// ((lo + hi) / 2, hi - lo); (0, 0) when nothing is finite.
+// NumPy's np.percentile(values[finite], (lo, hi)) (method "linear") as a range window;
+// (0, 0) when nothing is finite.
 Window percentile_window(const double* values, std::size_t n, double lo_pct, double hi_pct);
 
 }  // namespace iqe
