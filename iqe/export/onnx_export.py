@@ -53,6 +53,10 @@ GRAPHS = ("image_encoder", "text_branch", "head", "fused")
 # Verification images when none are given: the fp16 contract's Spearman needs >= 64.
 DEFAULT_CALIB_IMAGES = {"fp32": 16, "fp16": 64}
 NOISE_FLOOR_IMAGES = 8  # float64 reference run on this many of them
+# The FP16 sweep judges candidates on this many of the calibration images; the chosen
+# policy is then gated on all of them by the verification below (ViT-L on a CPU: a sweep
+# on 64 images takes tens of minutes, on 16 a quarter of that).
+SWEEP_IMAGES = 16
 
 
 class FidelityError(InputError):
@@ -266,6 +270,7 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
         if policy is None:
             say(f"measuring the FP16 precision policy on {source} ...", flush=True)
             policy, sweep_rep = choose_fp16_policy(model, images, names, tolerance=tolerance, source=source,
+                                                   sweep_images=SWEEP_IMAGES if verify else None,
                                                    log=lambda m: say("  " + m, flush=True))
             if policy is None:
                 from iqe.export.precision import refusal_message

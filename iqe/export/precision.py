@@ -261,7 +261,8 @@ def badness(report: DriftReport) -> float:
 
 def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | None = None,
                        tolerance: float = 1.0, threshold: tuple[str, float] | None = None, margin: float = 0.5,
-                       max_evaluations: int = 16, sensitivity_images: int = 8, source: str = "", batch: int = 8,
+                       max_evaluations: int = 16, sensitivity_images: int = 8, sweep_images: int | None = None,
+                       source: str = "", batch: int = 8,
                        log: Callable[[str], None] | None = None) -> tuple[PrecisionPolicy | None, DriftReport]:
     """The FP16 policy with the most FP16 FLOPs that passes the fp16 gate on `images`.
 
@@ -270,7 +271,10 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
     from the emulation, still pass when the chosen graph is verified. The per-block
     sensitivity is ranked on the first `sensitivity_images` images only (a ranking, not a
     verdict); every verdict uses all images, at most `max_evaluations` of them after the
-    first, so a ViT-L sweep costs tens of full passes, not hundreds.
+    first, so a ViT-L sweep costs tens of full passes, not hundreds. With `sweep_images`,
+    candidates are judged on the first `sweep_images` images only (the caller then gates
+    the chosen policy on all of them, as the export's verification does): a ViT-L sweep on
+    16 images instead of 64 costs a quarter, and the margin keeps room for the rest.
 
     Returns:
         (policy, its emulated drift report), or (None, the drift report of the best
@@ -279,10 +283,14 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
     log = log or (lambda msg: None)
     cfg = model.cfg
     layers = cfg.vision.layers
-    ev = PolicyEvaluator(model, images, batch=batch)
-    small = ev if sensitivity_images >= len(images) else PolicyEvaluator(model, images[:sensitivity_images], batch)
+    all_images = images
+    subset = sweep_images is not None and sweep_images < len(images)
+    ev = PolicyEvaluator(model, images[:sweep_images] if subset else images, batch=batch)
+    small = ev if sensitivity_images >= len(ev.reference["score"]) else \
+        PolicyEvaluator(model, images[:sensitivity_images], batch)
+    evaluators = [ev]
 
-    def judge(blocks: dict[int, list[str]], on: PolicyEvaluator = ev) -> DriftReport:
+    def judge(blocks: dict[int, list[str]], on: PolicyEvaluator) -> DriftReport:
         rep = compare(on.reference, on.outputs(blocks), "fp16", names[:len(on.reference["score"])] if names else None,
                       tolerance, threshold=threshold, reference_name="torch fp32",
                       candidate_name="torch fp16 (emulated)")
@@ -293,48 +301,66 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
         return rep.passed and badness(rep) <= margin
 
     everything = {b: list(FP16_OPS) for b in range(1, layers + 1)}
-    rep = judge(everything)
-    log(f"all {layers} blocks FP16: badness {badness(rep):.3g}")
     sensitivity: dict[int, float] = {}
-    if ok(rep):
-        chosen, chosen_rep = everything, rep
-    else:
-        best_rep = rep
-        for b in range(1, layers + 1):
-            sensitivity[b] = badness(judge({b: list(FP16_OPS)}, on=small))
-        order = sorted(sensitivity, key=lambda b: (sensitivity[b], b))
-        log("per-block sensitivity: " + ", ".join(f"{b}:{sensitivity[b]:.2g}" for b in order))
-        # Bisection: the longest prefix of `order` that passes (k blocks in FP16).
+
+    def search(on: PolicyEvaluator) -> tuple[dict[int, list[str]] | None, DriftReport]:
+        """(the most-FP16 passing candidate or None, its report / the best failing one) judged on `on`."""
+        rep = judge(everything, on)
+        log(f"all {layers} blocks FP16 on {len(on.reference['score'])} images: badness {badness(rep):.3g}")
+        if ok(rep):
+            return everything, rep
+        if not sensitivity:
+            for b in range(1, layers + 1):
+                sensitivity[b] = badness(judge({b: list(FP16_OPS)}, small))
+            log("per-block sensitivity: " + ", ".join(f"{b}:{sensitivity[b]:.2g}" for b in order()))
+        best_rep, ranked = rep, order()
+        # Bisection: the longest prefix of the ranking that passes (k blocks in FP16).
         lo, hi, lo_rep = 0, layers - 1, None  # the all-blocks case failed above
-        while lo < hi and ev.evaluations <= max_evaluations:
+        while lo < hi and on.evaluations <= max_evaluations:
             mid = (lo + hi + 1) // 2
-            r = judge({b: list(FP16_OPS) for b in order[:mid]})
+            r = judge({b: list(FP16_OPS) for b in ranked[:mid]}, on)
             if ok(r):
                 lo, lo_rep = mid, r
             else:
                 hi = mid - 1
-        chosen = {b: list(FP16_OPS) for b in order[:lo]}
-        chosen_rep = lo_rep
+        chosen, chosen_rep = {b: list(FP16_OPS) for b in ranked[:lo]}, lo_rep
         # Refinement: op classes of the remaining blocks, least sensitive first, MLP first.
-        for b in order[lo:]:
+        for b in ranked[lo:]:
             for ops in (list(MLP_OPS), ["qkv"], ["out_proj"], ["attn_v"]):
-                if ev.evaluations > max_evaluations:
+                if on.evaluations > max_evaluations:
                     break
                 trial = {**chosen, b: chosen.get(b, []) + ops}
-                r = judge(trial)
+                r = judge(trial, on)
                 if ok(r):
                     chosen, chosen_rep = trial, r
         if chosen_rep is None:
-            best_rep = judge({order[0]: list(FP16_OPS)}) if ev.evaluations < max_evaluations + 1 else best_rep
+            if on.evaluations < max_evaluations + 1:
+                best_rep = judge({ranked[0]: list(FP16_OPS)}, on)
             best_rep.notes.append("no FP16 policy passes: even the least sensitive block alone drifts too far")
             return None, best_rep
-        log(f"chosen: {PrecisionPolicy(chosen, fp16_flop_fraction(cfg, chosen)).describe()}")
+        return chosen, chosen_rep
+
+    def order() -> list[int]:
+        return sorted(sensitivity, key=lambda b: (sensitivity[b], b))
+
+    chosen, chosen_rep = search(ev)
+    if subset and chosen is not None:
+        # The gate on the final policy uses every calibration image; where the subset's
+        # choice does not hold on all of them, the search runs again on all of them.
+        full = PolicyEvaluator(model, all_images, batch=batch)
+        evaluators.append(full)
+        rep = judge(chosen, full)
+        log(f"chosen on {len(ev.reference['score'])} images, on all {len(all_images)}: badness {badness(rep):.3g}")
+        chosen, chosen_rep = (chosen, rep) if ok(rep) else search(full)
+    if chosen is None:
+        return None, chosen_rep
+    log(f"chosen: {PrecisionPolicy(chosen, fp16_flop_fraction(cfg, chosen)).describe()}")
     policy = PrecisionPolicy(
         blocks={b: ops for b, ops in chosen.items() if ops},
         fp16_flop_fraction=round(fp16_flop_fraction(cfg, chosen), 4),
-        calibration={"images": len(images), "source": source},
-        sweep={"evaluations": ev.evaluations, "sensitivity_evaluations": small.evaluations if small is not ev else 0,
-               "sensitivity_images": min(sensitivity_images, len(images)), "margin": margin,
+        calibration={"images": len(all_images), "source": source},
+        sweep={"images": len(ev.reference["score"]), "evaluations": sum(e.evaluations for e in evaluators), "sensitivity_evaluations": small.evaluations if small is not ev else 0,
+               "sensitivity_images": min(sensitivity_images, len(all_images)), "margin": margin,
                "sensitivity": {str(b): round(s, 4) for b, s in sensitivity.items()},
                "emulated": chosen_rep.summary()},
     )

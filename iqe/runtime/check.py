@@ -115,7 +115,7 @@ def run_check(bundle: Path, inputs: list[str], a: tuple[str, str], b: tuple[str,
     label = (f"{a[0]} {a[1]}", f"{b[0]} {b[1]}")
     rep = compare(ref, got, b[1], names, tolerance, threshold=operating_point(bundle), reference_name=label[0],
                   candidate_name=label[1])
-    skipped = sorted(set(first) | set(second) - set(names))
+    skipped = sorted((set(first) | set(second)) - set(names))
     if skipped:
         rep.notes.append(f"{len(skipped)} input(s) not scored by both configurations: {', '.join(skipped[:5])}")
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ def test_check_passes_fp32_onnxruntime_with_operating_point(tiny_model, tmp_path
     assert data["passed"] and data["images"] == 4 and data["reference"] == "torch fp32"
     assert data["metrics"]["score"]["decision_flips"] == 0 and data["extra"]["operating_point"]["threshold"] == threshold
     assert data["metrics"]["map"]["corr_min"] >= 0.999 and "kendall" in data["metrics"]["score"]
+    assert not any("not scored by both" in n for n in data["notes"])  # all 4 were scored by both
     assert (tmp_path / "out" / "check.png").stat().st_size > 0 and (tmp_path / "out" / "check.md").is_file()
 
 
