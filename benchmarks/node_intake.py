@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from iqe.bench.data import write_dicom_series  # noqa: E402
+from iqe.engine.onnxruntime_backend import cpu_name  # noqa: E402
 from iqe.node.config import AllowEntry, NodeSection  # noqa: E402
 from iqe.node.scp import StoreSCP  # noqa: E402
 from iqe.node.spool import Spool  # noqa: E402
@@ -108,16 +108,6 @@ def bench_storescp(files: list[Path], work: Path) -> float:
         proc.wait(timeout=30)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200, help="instances per run")
@@ -140,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(run())
     load = os.getloadavg()[0]
     print(f"intake of {args.count} CT instances {args.size}x{args.size} ({mb:.1f} MB) over one association, "
-          f"loopback, TCP_NODELAY; {cpu_model()}, {os.cpu_count()} CPUs, load {load:.1f}")
+          f"loopback, TCP_NODELAY; {cpu_name()}, {os.cpu_count()} CPUs, load {load:.1f}")
     print(f"{'receiver':<18}{'instances/s (median)':>22}{'runs (s)':>28}")
     summary = {}
     for name, seconds in runs.items():
@@ -150,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     fsync_ms = 1000 * (statistics.median(runs["node (durable)"]) - statistics.median(runs["node (no fsync)"])) / args.count
     print(f"fsync cost (durable - no fsync): {fsync_ms:.2f} ms per instance")
     if args.json:
-        args.json.write_text(json.dumps({"count": args.count, "size": args.size, "mb": mb, "cpu": cpu_model(),
+        args.json.write_text(json.dumps({"count": args.count, "size": args.size, "mb": mb, "cpu": cpu_name(),
                                          "load": load, "fsync_ms_per_instance": fsync_ms, "receivers": summary},
                                         indent=1))
     return 0
