@@ -49,6 +49,8 @@ LESION_CONTRAST = (55.0, 85.0)  # lesion level minus the tissue mean under it; t
 # Brain lesions vary more (size, contrast, polarity, shape) so the demo's scores spread.
 BRAIN_LESION_RADIUS = (8.0, 30.0)
 BRAIN_LESION_CONTRAST = (50.0, 100.0)
+BRAIN_DARK_FRACTION = 0.3  # the rest are hyperintense (enhancing / T1-bright lesions)
+BRAIN_WINDOW = 0.7  # template gray levels scaled by this: white matter ~165, leaving room for bright lesions
 MNI_SLICES = Path(iqe.__file__).parent / "data" / "mni152_slices.npz"
 MNI_PARENCHYMA = 128  # grey + white matter probability (0..255 each) above which a pixel is brain tissue
 MIN_LESION_AREA = 40.0  # px at REFERENCE_SIZE: a lesion clipped to the organ must stay a blob
@@ -216,7 +218,9 @@ def _brain(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     img = ndimage.affine_transform(src, matrix, offset, output_shape=(size, size), order=1, cval=0.0)
     region = ndimage.affine_transform(src_tissue, matrix, offset, output_shape=(size, size), order=1, cval=0.0) > 0.5
     region = ndimage.binary_erosion(region, iterations=max(1, size // 80))
-    img = 255.0 * (np.clip(img, 0, 255) / 255.0) ** np.float32(rng.uniform(0.8, 1.25))
+    # Display window with headroom above white matter: a bright lesion keeps its contrast
+    # instead of clipping or flipping to dark (parenchyma would otherwise reach 235).
+    img = 255.0 * BRAIN_WINDOW * (np.clip(img, 0, 255) / 255.0) ** np.float32(rng.uniform(0.8, 1.25))
     brain = img > 8
     field = 1 + np.float32(0.08) * _smooth_noise(rng, size, 4)
     texture = _smooth_noise(rng, size, max(4, size // 10))
@@ -316,11 +320,14 @@ ORGANS: dict[str, Organ] = {
 def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray,
                  radius_range: tuple[float, float] = LESION_RADIUS,
                  contrast_range: tuple[float, float] = LESION_CONTRAST, dark_fraction: float = 0.0,
-                 min_aspect: float = 0.6, max_lobe: float = 0.12, level_from_ring: bool = False) -> np.ndarray:
+                 min_aspect: float = 0.6, max_lobe: float = 0.12, level_from_ring: bool = False,
+                 fit_to_room: bool = False) -> np.ndarray:
     """Paint 1-3 non-touching lesions inside `region` in place; return their mask (bool).
 
     Radii (px at REFERENCE_SIZE) and contrasts are drawn per lesion from the ranges; a
-    `dark_fraction` of them are hypointense where the intensity range allows it. Shapes:
+    `dark_fraction` of them are hypointense; a lesion whose contrast does not fit in 20..235
+    flips polarity (with `fit_to_room`: only when not even the minimum of `contrast_range`
+    fits, else it takes the room there is). Shapes:
     ellipses with axis ratio in [min_aspect, 1] and lobed outlines up to `max_lobe`.
     `level_from_ring`: the contrast is relative to a 3 px ring around the lesion instead of
     the tissue it replaces.
@@ -359,12 +366,13 @@ def _add_lesions(rng: np.random.Generator, img: np.ndarray, region: np.ndarray,
         if level_from_ring:  # contrast against what surrounds the lesion (tissue varies a lot across a brain)
             ring = ndimage.binary_dilation(blob, iterations=3) & ~blob
             base = float(patch[ring].mean()) if ring.any() else base
-        # Hyperintense, like most lesions on the MRI/CT windows the demo mimics; dark only without headroom.
+        # Hyperintense unless drawn dark (`dark_fraction`).
         delta = rng.uniform(*contrast_range)
         if dark_fraction and rng.uniform() < dark_fraction:  # no extra draw otherwise: keeps other organs' files
             delta = -delta
-        if not 20 <= base + delta <= 235:  # no headroom on this side: flip instead of clipping
-            delta = -delta
+        if not 20 <= base + delta <= 235:  # no headroom on this side: less contrast, else flip
+            room = 235 - base if delta > 0 else base - 20
+            delta = float(np.sign(delta)) * room if fit_to_room and room >= contrast_range[0] else -delta
         # A lesion replaces tissue: a level of its own, keeping a trace of the texture under it
         # (adding to it instead lets a lesion across bright and dark layers clip and fade).
         patch[blob] = np.float32(base + delta) + np.float32(0.3) * (patch[blob] - np.float32(base))
@@ -399,8 +407,8 @@ def synth_image(
     if not abnormal:
         mask = None
     elif obj == "Brain":
-        mask = _add_lesions(rng, img, region, BRAIN_LESION_RADIUS, BRAIN_LESION_CONTRAST, dark_fraction=0.25,
-                            min_aspect=0.4, max_lobe=0.2, level_from_ring=True)
+        mask = _add_lesions(rng, img, region, BRAIN_LESION_RADIUS, BRAIN_LESION_CONTRAST, dark_fraction=BRAIN_DARK_FRACTION,
+                            min_aspect=0.4, max_lobe=0.2, level_from_ring=True, fit_to_room=True)
     else:
         mask = _add_lesions(rng, img, region)
     img += np.float32(rng.uniform(2.5, 5.0)) * rng.standard_normal(img.shape, dtype=np.float32)

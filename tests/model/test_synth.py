@@ -85,6 +85,28 @@ def test_lesions_differ_from_their_surroundings(small_set: Path, obj: str) -> No
                 assert contrast > min_contrast, f"{mask_path} lesion {component}: contrast {contrast:.1f}"
 
 
+def test_brain_lesions_are_mostly_bright_and_all_visible() -> None:
+    """Brain lesions come in both polarities, most of them hyperintense (the template is windowed
+    with headroom above white matter, so a bright lesion is not flipped to dark), each far from
+    the tissue around it. Polarity and contrast are measured on the written pixels."""
+    from iqe.model.synth import synth_image
+
+    signs, contrasts = [], []
+    for i in range(40):
+        image, mask = synth_image("Brain", True, np.random.default_rng([11, i]))
+        labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3)))
+        for component in range(1, count + 1):
+            inside = labels == component
+            ring = ndimage.binary_dilation(inside, iterations=3) & ~inside
+            diff = image[inside].mean() - image[ring].mean()
+            signs.append(diff > 0)
+            contrasts.append(abs(diff))
+    bright = float(np.mean(signs))
+    assert 0.55 <= bright <= 0.85, bright  # asked for 70 % bright, 30 % dark
+    # 50-100 gray levels above the ring's mean, less a trace of texture and the ring's own spread
+    assert np.percentile(contrasts, 5) > 30, sorted(contrasts)[:5]
+
+
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     kwargs = {"objects": ("Brain", "Chest"), "n_per_class": {"train": 1, "valid": 1, "test": 2}}
     a = _all_files(write_synthetic_bmad(tmp_path / "a", seed=5, **kwargs))

@@ -79,14 +79,26 @@ def _patch_auc(model, images, masks) -> float:
     return roc_auc((sim[..., 1] - sim[..., 0]).ravel(), (frac > 0.5).ravel())
 
 
+def _flat_patch_shift(visual) -> float:
+    """How far (mean L2, tokens of norm ~8) ln_pre moves a flat patch from intensity 0.6 to 0.9,
+    recomputed with plain conv2d + layer_norm from the tower's weights."""
+    flat = torch.stack([torch.full((3, 14, 14), c) for c in (0.6, 0.9)])
+    with torch.no_grad():
+        raw = torch.nn.functional.conv2d(flat, visual.conv1.weight, stride=14).flatten(1)  # [2, W]
+        tokens = torch.nn.functional.layer_norm(raw[:, None, :] + visual.positional_embedding[1:], raw.shape[-1:])
+    return float((tokens[0] - tokens[1]).norm(dim=-1).mean())
+
+
 @pytest.mark.slow
 def test_tower_pretraining_learns_lesion_patches():
     """A short contrastive stage turns random towers into patch features that find lesions
-    on images it has not seen."""
+    on images it has not seen, with the patch embedding scaled and frozen so the towers keep
+    seeing a patch's intensity."""
     from iqe.model.pretrain import PretrainOptions, pretrain_towers, synth_brain_batch
 
     torch.manual_seed(0)
     model = IQEModel(load_config("tiny"))
+    stem = model.visual.conv1.weight.detach().clone()
     held_images, held_masks, _ = synth_brain_batch(16, seed=99)
     x = torch.from_numpy(held_images).float().div(255)[:, None].expand(-1, 3, -1, -1)
     m = torch.from_numpy(held_masks)
@@ -95,3 +107,6 @@ def test_tower_pretraining_learns_lesion_patches():
     after = _patch_auc(model, x, m)
     assert [e["step"] for e in log] == [50, 100, 150]
     assert after > max(before, 0.8), (before, after)
+    # The stem did not move from 0.1 x its init, and intensity still moves a flat patch's token.
+    assert torch.equal(model.visual.conv1.weight, stem * 0.1)
+    assert _flat_patch_shift(model.visual) > 0.5
