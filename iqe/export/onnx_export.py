@@ -246,7 +246,8 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
     from iqe.model.families import family_of
 
     if family_of(model).export is not None:  # e.g. MVFA: its own fused graph, same ExportInfo contract
-        return family_of(model).export(model, out_dir, precision, max_batch, graphs, verify, progress)
+        return family_of(model).export(model, out_dir, precision, max_batch, graphs, verify, progress, policy=policy,
+                                       calib=calib, calib_images=calib_images, tolerance=tolerance)
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     unknown = set(graphs) - set(GRAPHS)
