@@ -96,7 +96,7 @@ def gate(model: MVFAModel, path: Path, precision: str, images: np.ndarray, names
     IQE-CLIP export does.
     """
     from iqe.export.fidelity import compare
-    from iqe.export.onnx_export import NOISE_FLOOR_IMAGES, onnxruntime_outputs
+    from iqe.export.onnx_export import NOISE_FLOOR_IMAGES, add_fp16_arithmetic_checks, onnxruntime_outputs
     from iqe.export.precision import apply_policy
 
     reference = model_outputs(model, images)
@@ -105,13 +105,7 @@ def gate(model: MVFAModel, path: Path, precision: str, images: np.ndarray, names
                   candidate_name=f"onnxruntime {precision} ({path.name})")
     if precision == "fp16" and policy is not None:
         emulated = model_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images)
-        arith = compare(reference, emulated, precision, names, tolerance, noise_floor=floor)
-        for c in arith.checks:
-            c.output = f"{c.output} [fp16 arithmetic]"
-        rep.checks += arith.checks
-        rep.metrics.update({f"{k} [fp16 arithmetic]": v for k, v in arith.metrics.items()})
-        rep.notes.append("checks marked [fp16 arithmetic]: the policy with FP16 rounding in PyTorch "
-                         "(FP16 inputs and outputs, FP32 accumulation, as CUDA/TensorRT compute)")
+        add_fp16_arithmetic_checks(rep, reference, emulated, names, tolerance)
         rep.extra["policy"] = policy.to_dict()["blocks"]
         rep.extra["fp16_flop_fraction"] = policy.fp16_flop_fraction
     return rep
@@ -133,11 +127,9 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
 
     from iqe.atomic import atomic_write_text
     from iqe.export.fidelity import failure_message, write_drift_report
-    from iqe.export.onnx_export import (DEFAULT_CALIB_IMAGES, OPSET, PRECISIONS, SWEEP_IMAGES, ExportInfo,
-                                        FidelityError, GraphInfo, _env_tolerance, sha256_file,
-                                        verify_with_onnxruntime)
-    from iqe.export.precision import (PrecisionRefused, calibration_images, choose_fp16_policy, fp16_flop_fraction,
-                                      refusal_message)
+    from iqe.export.onnx_export import (DEFAULT_CALIB_IMAGES, OPSET, PRECISIONS, ExportInfo, FidelityError, GraphInfo,
+                                        _env_tolerance, export_policy, sha256_file, verify_with_onnxruntime)
+    from iqe.export.precision import calibration_images
     from iqe.export.trt_lint import lint
 
     if precision not in PRECISIONS:
@@ -156,23 +148,12 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
     t0 = time.perf_counter()
     info = ExportInfo(precision, OPSET, c.digest(), c.image_size, max_batch)
     images = names = None
+    source = ""  # no calibration images read (a given policy, no verification)
     if verify or (precision == "fp16" and policy is None):
         images, names, _, source = calibration_images(calib, calib_images or DEFAULT_CALIB_IMAGES[precision],
                                                       c.image_size)
     if precision == "fp16":
-        if policy is None:
-            say(f"measuring the FP16 precision policy on {source} ...", flush=True)
-            policy, sweep_rep = choose_fp16_policy(model, images, names, tolerance=tolerance, source=source,
-                                                   sweep_images=SWEEP_IMAGES if verify else None,
-                                                   log=lambda m: say("  " + m, flush=True))
-            if policy is None:
-                path = write_drift_report(sweep_rep, out_dir, "sweep", precision)
-                raise PrecisionRefused(f"{refusal_message(sweep_rep)}\n  drift report: {path}")
-        if not policy.fp16_flop_fraction:
-            policy.fp16_flop_fraction = round(fp16_flop_fraction(c, policy.blocks), 4)
-        info.precision_policy = policy.to_dict()
-        info.fp16_flop_fraction = policy.fp16_flop_fraction
-        say(f"FP16 policy: {policy.describe()}", flush=True)
+        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say)
     module = MVFAGraph(model, precision, policy).eval()
     out_names = list(module.names)
     s = c.image_size

@@ -135,3 +135,14 @@ def test_fp32_export_writes_the_drift_report_of_every_output(tmp_path):
     drift = json.loads((tmp_path / "drift.onnxruntime.fp32.json").read_text())
     assert {"score", "score_zero", "score_few", "map", "map_zero", "map_few"} <= set(drift["metrics"])
     assert max(drift["metrics"][k]["max_abs"] for k in ("map_zero", "map_few")) < 1e-4
+
+
+def test_fp16_given_policy_without_verification_is_recorded(tmp_path):
+    from iqe.export.onnx_export import export_model
+    from iqe.export.precision import PrecisionPolicy
+
+    info = export_model(small_mvfa(), tmp_path, "fp16", graphs=("fused",), progress=False, verify=False,
+                        policy=PrecisionPolicy({2: ["mlp_fc", "mlp_proj"]}))
+    record = json.loads((tmp_path / "export.fp16.json").read_text())
+    assert record["drift"] is None and record["precision_policy"]["blocks"] == {"2": ["mlp_fc", "mlp_proj"]}
+    assert 0 < info.fp16_flop_fraction < 0.5 and not (tmp_path / "drift.onnxruntime.fp16.json").exists()
