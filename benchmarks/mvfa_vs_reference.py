@@ -35,6 +35,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -155,11 +156,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()
     if args.threads:
-        import os
-
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
         torch.set_num_threads(args.threads)
     dims = {**SIZES[args.size], "shots": args.shots}
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mvfa-bench-") as tmp:
         work = Path(tmp)
         mg.write_fixtures(work / "fixtures", dims)
@@ -174,12 +174,13 @@ def main() -> None:
             **{f"iqe {k}" if k.startswith("torch") else f"iqe onnxruntime fp32, {k}": v
                for k, v in iqe_s.items()}}
     print(f"MVFA {args.size} ({dims['width']} x {dims['layers']} blocks, 240 px), {ORGAN} few-shot, {args.shots} shot(s),"
-          f" {n} images; CPU: {cpu_name()}, torch threads {torch.get_num_threads()}")
+          f" {n} images; CPU: {cpu_name()}, torch threads {torch.get_num_threads()}; 1-min load average "
+          f"{load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     for name, s in rows.items():
         ratio = ref_s / s
         print(f"  {name:<48} {n / s:7.2f} img/s  {1000 * s / n:8.1f} ms/img  x{ratio:.2f} vs the reference")
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "images": n, "shots": args.shots, "cpu": cpu_name(),
+        args.json.write_text(json.dumps({"size": args.size, "images": n, "shots": args.shots, "cpu": cpu_name(), "threads": args.threads,
                                          "seconds": rows}, indent=2) + "\n")
 
 
