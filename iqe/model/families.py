@@ -9,6 +9,7 @@ bytes and digest), and everything downstream asks the family for what differs:
     torch_graph       (model, precision) -> (module images -> output tuple, output names)
     export            None for the default exporter (iqe.export.onnx_export), else a
                       function with export_model's signature
+    label, map_description   how results (the DICOM node's objects) name the model and its map
 
 Both families use the same CLIP towers (iqe/model/clip.py) and blocks (iqe/model/layers.py).
 Imports of the families' modules happen lazily, so importing this module is cheap.
