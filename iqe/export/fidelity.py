@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-SCORE_OUTPUTS = ("score", "score_query", "score_text", "score_few", "map_max")
-RANKED_SCORES = ("score", "score_few", "map_max")  # image scores a site ranks and thresholds
-MAP_OUTPUTS = ("map", "map_smooth")
+SCORE_OUTPUTS = ("score", "score_query", "score_text", "score_few", "map_max", "score_zero")
+RANKED_SCORES = ("score", "score_few", "map_max", "score_zero")  # image scores a site ranks and thresholds
+MAP_OUTPUTS = ("map", "map_smooth", "map_zero", "map_few")  # map_zero / map_few: MVFA's raw branch maps
 NOISE_FLOOR_FACTOR = 10.0  # abs limits are at least this multiple of the fp32-vs-fp64 drift
 MIN_SPEARMAN_IMAGES = 64
 

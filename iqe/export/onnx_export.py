@@ -216,6 +216,45 @@ def verify_graph(model: IQEModel, path: Path, precision: str, images: np.ndarray
     return rep
 
 
+def add_fp16_arithmetic_checks(rep: DriftReport, reference: dict[str, np.ndarray], emulated: dict[str, np.ndarray],
+                               names: list[str], tolerance: float) -> None:
+    """Judge the policy with FP16 rounding emulated in PyTorch too, as checks marked [fp16 arithmetic]."""
+    arith = compare(reference, emulated, "fp16", names, tolerance, noise_floor=rep.noise_floor)
+    for c in arith.checks:
+        c.output = f"{c.output} [fp16 arithmetic]"
+    rep.checks += arith.checks
+    rep.metrics.update({f"{k} [fp16 arithmetic]": v for k, v in arith.metrics.items()})
+    rep.notes.append("checks marked [fp16 arithmetic]: the policy with FP16 rounding in PyTorch "
+                     "(FP16 inputs and outputs, FP32 accumulation, as CUDA/TensorRT compute)")
+
+
+def export_policy(model, policy: PrecisionPolicy | None, images, names, source: str, tolerance: float, verify: bool,
+                  out_dir: Path, info: ExportInfo, say) -> PrecisionPolicy:
+    """The FP16 policy an export uses: `policy`, or measured on `images`; recorded in `info`.
+
+    Shared by every family's exporter (their vision blocks are the same CLIP blocks).
+    Raises PrecisionRefused (drift report `drift.sweep.fp16.json` written) when none passes.
+    """
+    if policy is None:
+        say(f"measuring the FP16 precision policy on {source} ...", flush=True)
+        policy, sweep_rep = choose_fp16_policy(model, images, names, tolerance=tolerance, source=source,
+                                               sweep_images=SWEEP_IMAGES if verify else None,
+                                               log=lambda m: say("  " + m, flush=True))
+        if policy is None:
+            from iqe.export.precision import refusal_message
+
+            path = write_drift_report(sweep_rep, out_dir, "sweep", "fp16")
+            raise PrecisionRefused(f"{refusal_message(sweep_rep)}\n  drift report: {path}")
+    if not policy.fp16_flop_fraction:
+        from iqe.export.precision import fp16_flop_fraction
+
+        policy.fp16_flop_fraction = round(fp16_flop_fraction(model.cfg, policy.blocks), 4)
+    info.precision_policy = policy.to_dict()
+    info.fp16_flop_fraction = policy.fp16_flop_fraction
+    say(f"FP16 policy: {policy.describe()}", flush=True)
+    return policy
+
+
 def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", max_batch: int = 32,
                  graphs: tuple[str, ...] = GRAPHS, verify: bool | None = None, progress: bool = True, *,
                  policy: PrecisionPolicy | None = None, calib: str | Path | None = None,
@@ -246,7 +285,8 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
     from iqe.model.families import family_of
 
     if family_of(model).export is not None:  # e.g. MVFA: its own fused graph, same ExportInfo contract
-        return family_of(model).export(model, out_dir, precision, max_batch, graphs, verify, progress)
+        return family_of(model).export(model, out_dir, precision, max_batch, graphs, verify, progress, policy=policy,
+                                       calib=calib, calib_images=calib_images, tolerance=tolerance)
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     unknown = set(graphs) - set(GRAPHS)
@@ -264,26 +304,11 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
     info = ExportInfo(precision, OPSET, model.cfg.digest(), model.cfg.image_size, max_batch)
     n_images = calib_images or DEFAULT_CALIB_IMAGES[precision]
     images = names = labels = None
+    source = ""  # no calibration images read (a given policy, no verification)
     if verify or (precision == "fp16" and policy is None):
         images, names, labels, source = calibration_images(calib, n_images, model.cfg.image_size)
     if precision == "fp16":
-        if policy is None:
-            say(f"measuring the FP16 precision policy on {source} ...", flush=True)
-            policy, sweep_rep = choose_fp16_policy(model, images, names, tolerance=tolerance, source=source,
-                                                   sweep_images=SWEEP_IMAGES if verify else None,
-                                                   log=lambda m: say("  " + m, flush=True))
-            if policy is None:
-                from iqe.export.precision import refusal_message
-
-                path = write_drift_report(sweep_rep, out_dir, "sweep", precision)
-                raise PrecisionRefused(f"{refusal_message(sweep_rep)}\n  drift report: {path}")
-        if not policy.fp16_flop_fraction:
-            from iqe.export.precision import fp16_flop_fraction
-
-            policy.fp16_flop_fraction = round(fp16_flop_fraction(model.cfg, policy.blocks), 4)
-        info.precision_policy = policy.to_dict()
-        info.fp16_flop_fraction = policy.fp16_flop_fraction
-        say(f"FP16 policy: {policy.describe()}", flush=True)
+        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say)
     specs = graph_specs(model)
     modules = _modules(model, precision, policy)
     for name in graphs:
@@ -320,14 +345,8 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
             # the FP16 rounding of the GEMM outputs, so it understates what CUDA / TensorRT compute.
             # The same policy with FP16 rounding emulated in PyTorch (equal to real casts within
             # float32 accumulation-order noise) rounds as a GPU does; it is judged too.
-            arith = compare(reference, torch_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images), precision, names, tolerance,
-                            noise_floor=rep.noise_floor)
-            for c in arith.checks:
-                c.output = f"{c.output} [fp16 arithmetic]"
-            rep.checks += arith.checks
-            rep.metrics.update({f"{k} [fp16 arithmetic]": v for k, v in arith.metrics.items()})
-            rep.notes.append("checks marked [fp16 arithmetic]: the policy with FP16 rounding in PyTorch "
-                             "(FP16 inputs and outputs, FP32 accumulation, as CUDA/TensorRT compute)")
+            emulated = torch_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images)
+            add_fp16_arithmetic_checks(rep, reference, emulated, names, tolerance)
         if policy is not None:
             rep.extra["policy"] = policy.to_dict()["blocks"]
             rep.extra["fp16_flop_fraction"] = policy.fp16_flop_fraction

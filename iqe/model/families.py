@@ -9,6 +9,7 @@ bytes and digest), and everything downstream asks the family for what differs:
     torch_graph       (model, precision) -> (module images -> output tuple, output names)
     export            None for the default exporter (iqe.export.onnx_export), else a
                       function with export_model's signature
+    label, map_description   how results (the DICOM node's objects) name the model and its map
 
 Both families use the same CLIP towers (iqe/model/clip.py) and blocks (iqe/model/layers.py).
 Imports of the families' modules happen lazily, so importing this module is cheap.
@@ -33,6 +34,8 @@ class Family:
     build: Callable[[Any], Any]
     torch_graph: Callable[[Any, str], tuple[Any, tuple[str, ...]]]
     export: Callable[..., Any] | None = None
+    label: str = ""  # how results name the model (DICOM model names, the node's JSON); default: `name`
+    map_description: str = "anomaly map"  # what a result's `map` is (the node's Parametric Map says it)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -56,6 +59,12 @@ def get_family(name: str) -> Family:
         return _FAMILIES[name]
     except KeyError:
         raise InputError(f"unknown model family '{name}'; known families: {', '.join(list_families())}") from None
+
+
+def family_label(name: str) -> str:
+    """Display name of a family ('IQE-CLIP', 'MVFA'); an unknown name is shown as it is."""
+    family = _FAMILIES.get(name)
+    return (family.label or family.name) if family else name
 
 
 def family_name(obj: Any) -> str:
@@ -138,6 +147,8 @@ def _mvfa_export(*args: Any, **kwargs: Any) -> Any:
 
 
 register_family(Family("iqe-clip", "IQE-CLIP (hongh0/IQE-CLIP): image-conditioned prompts + IQM, zero/few-shot fine-tuned",
-                       _iqe_config, _iqe_build, _iqe_torch_graph))
+                       _iqe_config, _iqe_build, _iqe_torch_graph, label="IQE-CLIP",
+                       map_description="anomaly map (smoothed)"))
 register_family(Family("mvfa", "MVFA (MediaBrain-SJTU/MVFA-AD, CVPR 2024): residual adapters, fixed per-organ text, "
-                       "1-NN memory bank", _mvfa_config, _mvfa_build, _mvfa_torch_graph, _mvfa_export))
+                       "1-NN memory bank", _mvfa_config, _mvfa_build, _mvfa_torch_graph, _mvfa_export, label="MVFA",
+                       map_description="anomaly map (zero-shot, or zero+few-shot fusion)"))

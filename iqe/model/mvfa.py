@@ -265,8 +265,10 @@ class MVFAModel(nn.Module):
         return out
 
     def heads(self, seg: torch.Tensor, det: torch.Tensor, bank: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Raw branch outputs (float32) from the encoder's features; `bank` as in `few_shot`."""
-        seg, det = seg.float(), det.float()
+        """Raw branch outputs from the encoder's features, in the heads' dtype (float32; float64 for the
+        noise-floor run); `bank` as in `few_shot`."""
+        dtype = self.text_features.dtype
+        seg, det = seg.to(dtype), det.to(dtype)
         score_zero, map_zero = self.zero_shot(seg, det)
         out = {"score_zero": score_zero, "map_zero": map_zero}
         if self.cfg.bank_rows:

@@ -70,7 +70,7 @@ def _equipment(ctx: ResultContext) -> list:
 
     return [hd.ContributingEquipment(
         manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=f"IQE-CLIP {ctx.model.name}", software_versions=ctx.software_version,
+        manufacturer_model_name=ctx.model.label, software_versions=ctx.software_version,
         device_serial_number=ctx.model.bundle_sha256[:16],
         contribution_description=f"anomaly detection, {ctx.model.backend} {ctx.model.precision}; "
                                  f"{NOT_FOR_DIAGNOSTIC_USE.lower()}")]
@@ -80,7 +80,7 @@ def _algorithm(ctx: ResultContext):
     import highdicom as hd
 
     return hd.sr.AlgorithmIdentification(
-        name=f"IQE-CLIP {ctx.model.name}", version=ctx.model.bundle_sha256[:16],
+        name=ctx.model.label, version=ctx.model.bundle_sha256[:16],
         parameters=[f"bundle_sha256={ctx.model.bundle_sha256}", f"backend={ctx.model.backend}",
                     f"precision={ctx.model.precision}", f"image_size={ctx.model.image_size}"])
 
@@ -136,7 +136,7 @@ def build_sr(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=ctx.uid("device"), name="iqe-node", manufacturer_name=MANUFACTURER,
-            model_name=f"IQE-CLIP {ctx.model.name}"))
+            model_name=ctx.model.label))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_code(*ANOMALY_DETECTION), imaging_measurements=[group])
@@ -178,12 +178,12 @@ def build_pm(sources: dict[str, Dataset], result: SeriesScore, ctx: ResultContex
     images = [sources[str(s.sop_uid)] for s in slices] if not multi else [first]
     lo, hi = float(frames.min()), float(frames.max())
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label="IQE_ANOMALY", lut_explanation="IQE-CLIP anomaly map (smoothed)", unit=codes.UCUM.NoUnits,
+        lut_label="IQE_ANOMALY", lut_explanation=ctx.model.map_description, unit=codes.UCUM.NoUnits,
         value_range=(lo, hi if hi > lo else lo + 1.0), slope=1.0, intercept=0.0)
     pm = hd.pm.ParametricMap(
         source_images=images, pixel_array=frames, series_instance_uid=ctx.uid("pm-series"),
         series_number=ctx.series_number + 1, sop_instance_uid=ctx.uid("pm"), instance_number=1,
-        manufacturer=MANUFACTURER, manufacturer_model_name=f"IQE-CLIP {ctx.model.name}",
+        manufacturer=MANUFACTURER, manufacturer_model_name=ctx.model.label,
         software_versions=ctx.software_version, device_serial_number=ctx.model.bundle_sha256[:16],
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.content.VOILUTTransformation(window_center=(lo + hi) / 2,

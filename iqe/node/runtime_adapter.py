@@ -29,10 +29,25 @@ class ModelIdentity:
     backend: str
     precision: str
     image_size: int
+    family: str = "iqe-clip"  # the bundle's model family (config.json "family", iqe.model.families)
+
+    @property
+    def label(self) -> str:
+        """The model as results name it: family label and bundle name ('MVFA mvfa-Brain')."""
+        from iqe.model.families import family_label
+
+        return f"{family_label(self.family)} {self.name}"
+
+    @property
+    def map_description(self) -> str:
+        """What the results' map is, for the Parametric Map ('MVFA anomaly map (zero-shot, or ...)')."""
+        from iqe.model.families import family_label, get_family
+
+        return f"{family_label(self.family)} {get_family(self.family).map_description}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "bundle_sha256": self.bundle_sha256, "backend": self.backend,
-                "precision": self.precision, "image_size": self.image_size}
+        return {"name": self.name, "family": self.family, "bundle_sha256": self.bundle_sha256,
+                "backend": self.backend, "precision": self.precision, "image_size": self.image_size}
 
 
 @dataclass
@@ -91,9 +106,9 @@ class SeriesScorer:
         self._runner.infer(np.zeros((1, 3, size, size), np.float32))
         import json
 
-        name = json.loads((Path(model.bundle) / "config.json").read_text()).get("name", "iqe")
-        self.identity = ModelIdentity(name, bundle_key(Path(model.bundle)), model.backend, model.precision,
-                                      self._runner.image_size)
+        config = json.loads((Path(model.bundle) / "config.json").read_text())
+        self.identity = ModelIdentity(config.get("name", "iqe"), bundle_key(Path(model.bundle)), model.backend,
+                                      model.precision, self._runner.image_size, config.get("family", "iqe-clip"))
 
     def score_folder(self, folder: str | Path) -> SeriesScore:
         """Score every instance in `folder` (one series) as `iqe score folder` would."""

@@ -109,6 +109,8 @@ def run_check(bundle: Path, inputs: list[str], a: tuple[str, str], b: tuple[str,
         out_ = {k: np.array([r.scores[k] for r in rows]) for k in rows[0].scores}
         out_["map"] = np.stack([r.map for r in rows])
         out_["map_smooth"] = np.stack([r.map_smooth for r in rows])
+        for k in rows[0].branch_maps:  # MVFA: the raw per-branch maps are judged too
+            out_[k] = np.stack([r.branch_maps[k] for r in rows])
         return out_
 
     ref, got = arrays(first), arrays(second)

@@ -108,7 +108,7 @@ def test_onnx_export_matmul_reducemin_chunks(tmp_path, precision, atol):
     from iqe.export.onnx_export import export_model
 
     model = tiny_mvfa(bank_rows=600, chunk_rows=256)  # 3 chunks per level
-    info = export_model(model, tmp_path, precision, graphs=("fused",), progress=False)
+    info = export_model(model, tmp_path, precision, graphs=("fused",), progress=False, calib_images=8)
     graph = onnx.load(str(tmp_path / info.graphs["fused"].file)).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("ReduceMin") == 4 * 3 and ops.count("MatMul") >= 4 * 3

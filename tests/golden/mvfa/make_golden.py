@@ -244,6 +244,17 @@ class _Recorder(types.ModuleType):
         return out
 
 
+def register_reference_model(ref_clip, clip_path: Path, dims: dict, name: str = "tiny") -> None:
+    """Make the reference's `create_model(name)` build `dims` (336-px table) and load `clip_path`."""
+    ref_clip._MODEL_CKPT_PATHS[name] = clip_path
+    ref_clip._MODEL_CONFIGS[name] = {
+        "embed_dim": dims["embed"],
+        "vision_cfg": {"image_size": 336, "layers": dims["layers"], "width": dims["width"], "patch_size": dims["patch"]},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": dims["text_width"], "heads": dims["text_heads"],
+                     "layers": dims["text_layers"]},
+    }
+
+
 def run_reference(ref: Path, fixtures: Path, names: dict, dims: dict = TINY, rows: np.ndarray = MAP_ROWS,
                   organs: tuple[str, ...] = ORGANS) -> dict[str, np.ndarray]:
     install_stubs()
@@ -255,13 +266,7 @@ def run_reference(ref: Path, fixtures: Path, names: dict, dims: dict = TINY, row
     work = Path(tempfile.mkdtemp(prefix="mvfa-golden-"))
     clip_path = work / "clip_tiny.pt"
     clip_path.write_bytes(gzip.decompress((fixtures / "clip_tiny.pt.gz").read_bytes()))
-    ref_clip._MODEL_CKPT_PATHS["tiny"] = clip_path
-    ref_clip._MODEL_CONFIGS["tiny"] = {
-        "embed_dim": dims["embed"],
-        "vision_cfg": {"image_size": 336, "layers": dims["layers"], "width": dims["width"], "patch_size": dims["patch"]},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": dims["text_width"], "heads": dims["text_heads"],
-                     "layers": dims["text_layers"]},
-    }
+    register_reference_model(ref_clip, clip_path, dims)
     for organ in ORGANS:
         shutil.copy(fixtures / f"{organ}.pth", work / f"{organ}.pth")
     data = _Data([fixtures / "test" / n for n in names["test"]], [fixtures / "support" / n for n in names["support"]])

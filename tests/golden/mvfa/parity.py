@@ -65,8 +65,9 @@ def main() -> None:
             assert iqe(["score", "--model", str(bundle), str(work / "fixtures" / "test"), "--out", str(out),
                         "--save-maps", "--backend", backend, "--precision", precision, "--batch", "3",
                         "--engine", str(work / f"engine-{organ}"), "--quiet"]) == 0
-            maps = np.load(out / "maps.npz")
             res = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+            per_item = [np.load(out / r["maps"]) for r in res]  # iqe score streams maps/NNNNNN.npz per item
+            maps = {k: np.stack([m[k] for m in per_item]) for k in ("map_zero", "map_few")}
             got = {"score_zero": np.array([r["score_zero"] for r in res]), "map_zero": maps["map_zero"],
                    "map_few": maps["map_few"], "score_few": np.array([r["score_few"] for r in res])}
             diffs = {k: float(np.abs(got[k].astype(np.float64) - want[f"{organ}/{k}"]).max())
