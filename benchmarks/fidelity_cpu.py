@@ -43,10 +43,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=300.0)
     ap.add_argument("--benign", action="store_true", help="also measure the unsharpened model")
     ap.add_argument("--time", action="store_true", help="export and time fp32 vs fp16-policy graphs in ORT")
-    ap.add_argument("--max-evaluations", type=int, default=64)
+    ap.add_argument("--max-evaluations", type=int, default=16)
     ap.add_argument("--bundle", type=Path, default=None, help="measure this bundle as is (no --sharpen)")
-    ap.add_argument("--sweep-images", type=int, default=None, help="judge sweep candidates on this many")
-    ap.add_argument("--sensitivity-images", type=int, default=8)
+    ap.add_argument("--sweep-images", type=int, default=8, help="working set the sweep judges candidates on")
+    ap.add_argument("--sensitivity-images", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def main() -> None:
         log = lambda m: print(f"[{name}] {m}", flush=True)  # noqa: E731
         t0 = time.perf_counter()
         ev = PolicyEvaluator(model, images)
-        naive = compare(ev.reference, ev.outputs({b: list(FP16_OPS) for b in range(1, cfg.vision.layers + 1)}),
+        naive = compare(ev.reference, ev.outputs({b: list(FP16_OPS) for b in range(1, cfg.vision.layers + 1)})[1],
                         "fp16", names)
         entry = record["cases"][name] = {"naive_all_fp16_emulated": naive.summary(),
                                          "naive_seconds": round(time.perf_counter() - t0, 1)}

@@ -53,10 +53,10 @@ GRAPHS = ("image_encoder", "text_branch", "head", "fused")
 # Verification images when none are given: the fp16 contract's Spearman needs >= 64.
 DEFAULT_CALIB_IMAGES = {"fp32": 16, "fp16": 64}
 NOISE_FLOOR_IMAGES = 8  # float64 reference run on this many of them
-# The FP16 sweep judges candidates on this many of the calibration images; the chosen
-# policy is then gated on all of them by the verification below (ViT-L on a CPU: a sweep
-# on 64 images takes tens of minutes, on 16 a quarter of that).
-SWEEP_IMAGES = 16
+# The FP16 sweep judges candidates on a working set of this many calibration images (grown
+# by the hardest ones where the chosen policy fails on the rest); the chosen policy is
+# always gated on all of them. ViT-L on a CPU: about one second per image forward.
+SWEEP_IMAGES = 8
 
 
 class FidelityError(InputError):
@@ -229,16 +229,17 @@ def add_fp16_arithmetic_checks(rep: DriftReport, reference: dict[str, np.ndarray
 
 
 def export_policy(model, policy: PrecisionPolicy | None, images, names, source: str, tolerance: float, verify: bool,
-                  out_dir: Path, info: ExportInfo, say) -> PrecisionPolicy:
+                  out_dir: Path, info: ExportInfo, say, keep: dict | None = None) -> PrecisionPolicy:
     """The FP16 policy an export uses: `policy`, or measured on `images`; recorded in `info`.
 
     Shared by every family's exporter (their vision blocks are the same CLIP blocks).
+    `keep` receives the sweep's float32 and emulated outputs (see `choose_fp16_policy`).
     Raises PrecisionRefused (drift report `drift.sweep.fp16.json` written) when none passes.
     """
     if policy is None:
         say(f"measuring the FP16 precision policy on {source} ...", flush=True)
         policy, sweep_rep = choose_fp16_policy(model, images, names, tolerance=tolerance, source=source,
-                                               sweep_images=SWEEP_IMAGES if verify else None,
+                                               sweep_images=SWEEP_IMAGES, keep=keep,
                                                log=lambda m: say("  " + m, flush=True))
         if policy is None:
             from iqe.export.precision import refusal_message
@@ -305,10 +306,11 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
     n_images = calib_images or DEFAULT_CALIB_IMAGES[precision]
     images = names = labels = None
     source = ""  # no calibration images read (a given policy, no verification)
+    swept: dict = {}  # the sweep's float32 and emulated outputs on the calibration images, reused below
     if verify or (precision == "fp16" and policy is None):
         images, names, labels, source = calibration_images(calib, n_images, model.cfg.image_size)
     if precision == "fp16":
-        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say)
+        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say, keep=swept)
     specs = graph_specs(model)
     modules = _modules(model, precision, policy)
     for name in graphs:
@@ -336,7 +338,7 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
         info.graphs[name] = gi
     if verify and "fused" in info.graphs:
         say(f"verify fused.{precision}.onnx on {len(images)} images against the float32 PyTorch model ...", flush=True)
-        reference = torch_outputs(model, images)
+        reference = swept.get("reference") or torch_outputs(model, images)
         rep = verify_graph(model, out_dir / info.graphs["fused"].file, precision, images, names, tolerance,
                            reference=reference)
         rep.notes.append(f"images: {source}")
@@ -345,7 +347,8 @@ def export_model(model: IQEModel, out_dir: str | Path, precision: str = "fp32", 
             # the FP16 rounding of the GEMM outputs, so it understates what CUDA / TensorRT compute.
             # The same policy with FP16 rounding emulated in PyTorch (equal to real casts within
             # float32 accumulation-order noise) rounds as a GPU does; it is judged too.
-            emulated = torch_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images)
+            emulated = swept.get("candidate") or torch_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True),
+                                                               images)
             add_fp16_arithmetic_checks(rep, reference, emulated, names, tolerance)
         if policy is not None:
             rep.extra["policy"] = policy.to_dict()["blocks"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iqe.export.fidelity import DriftReport, compare
+from iqe.export.fidelity import MAP_OUTPUTS, DriftReport, compare
 from iqe.model.layers import FP16_OPS, FP32, BlockPrecision
 
 POLICY_FORMAT = 1
@@ -185,183 +185,310 @@ class _Replay(nn.Module):
         return self.outputs[self.batch]
 
 
+def _model_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the gate judges: the model's `score()` (raw outputs + smoothed map and its max)."""
+    return {k: np.asarray(v) for k, v in model.score(images).items()}
+
+
 class PolicyEvaluator:
     """Outputs of `model` under candidate policies on fixed images, float32 prefix replayed.
 
+    One float32 pass over all images records every block's output per image; a candidate
+    then runs only from its first FP16 block on, on the images asked for (any subset, any
+    order, `batch` at a time), and stops as soon as `stop(rows done, outputs so far)` says
+    the verdict is known: a failing candidate usually costs one batch, not the whole set.
+
     Args:
-        model: float32 IQEModel (not modified outside `outputs`).
+        model: float32 model of a family with `visual.transformer.resblocks` (batch-first
+            blocks) and `score()` (not modified outside `outputs`).
         images: [N,3,S,S] float32.
-        batch: images per forward.
+        batch: images per forward (the unit of early stopping).
     """
 
-    def __init__(self, model: nn.Module, images: np.ndarray, batch: int = 8, progress: Callable[[str], None] | None = None):
+    def __init__(self, model: nn.Module, images: np.ndarray, batch: int = 4):
         self.model = model.float().eval()
-        self.batches = [torch.from_numpy(images[i:i + batch]) for i in range(0, len(images), batch)]
+        self.batch = batch
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.blocks = list(model.visual.transformer.resblocks)
-        self.recorded: list[list[torch.Tensor]] = [[] for _ in self.blocks]  # [block][batch] outputs
+        self.recorded: list[list[torch.Tensor]] = [[] for _ in self.blocks]  # [block][image] outputs [1, L, D]
         self.evaluations = 0
-        self.progress = progress
+        self.forwards = 0.0  # image forwards spent, in whole-model units (replayed blocks are free)
         apply_policy(self.model, None)
         hooks = [b.register_forward_hook(self._recorder(i)) for i, b in enumerate(self.blocks)]
         try:
-            self.reference = self._run(start=0)
+            self.reference = self._run(0, list(range(len(images))))[1]
         finally:
             for h in hooks:
                 h.remove()
 
+    def __len__(self) -> int:
+        return len(self.images)
+
     def _recorder(self, i: int):
         def hook(module, args, output):
-            self.recorded[i].append(output.detach())
+            self.recorded[i].extend(output.detach().split(1))
         return hook
 
-    def _run(self, start: int) -> dict[str, np.ndarray]:
+    def _run(self, start: int, rows: list[int], stop: Callable[[list[int], dict], bool] | None = None
+             ) -> tuple[list[int], dict[str, np.ndarray]]:
         resblocks = self.model.visual.transformer.resblocks
-        replays = [_Replay(self.recorded[i]) for i in range(start)]
+        replays = [_Replay([]) for _ in range(start)]
         for i, r in enumerate(replays):
             resblocks[i] = r
-        parts = []
+        parts: list[dict[str, np.ndarray]] = []
+        done: list[int] = []
         try:
             with torch.no_grad():
-                for j, images in enumerate(self.batches):
-                    for r in replays:
-                        r.batch = j
-                    # forward(), not score(): the smoothed map follows from `map`, and
-                    # skipping the Gaussian keeps a sweep step cheap.
-                    parts.append({k: v.numpy() for k, v in self.model(images).items()})
+                for k in range(0, len(rows), self.batch):
+                    chunk = rows[k:k + self.batch]
+                    for i, r in enumerate(replays):
+                        r.outputs, r.batch = [torch.cat([self.recorded[i][j] for j in chunk])], 0
+                    parts.append(_model_outputs(self.model, self.images[chunk]))
+                    done += chunk
+                    self.forwards += len(chunk) * (1 - start / max(1, len(self.blocks)))
+                    if stop is not None and len(done) < len(rows) and stop(done, _concat(parts)):
+                        break
         finally:
             for i in range(start):
                 resblocks[i] = self.blocks[i]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return done, _concat(parts)
 
-    def outputs(self, blocks: dict[int, list[str]]) -> dict[str, np.ndarray]:
-        """Outputs with `blocks` (1-based -> op classes) in emulated FP16."""
+    def reference_of(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        return {k: v[list(rows)] for k, v in self.reference.items()}
+
+    def outputs(self, blocks: dict[int, list[str]], rows: Sequence[int] | None = None,
+                stop: Callable[[list[int], dict], bool] | None = None) -> tuple[list[int], dict[str, np.ndarray]]:
+        """(rows evaluated, outputs on them) with `blocks` (1-based -> op classes) in emulated FP16.
+
+        `rows`: image indices in evaluation order (default: all, in order).
+        """
+        rows = list(range(len(self))) if rows is None else list(rows)
         used = [b for b, ops in blocks.items() if ops]
         if not used:
-            return self.reference
+            return rows, self.reference_of(rows)
         self.evaluations += 1
         apply_policy(self.model, PrecisionPolicy(blocks), emulate=True)
         try:
-            return self._run(start=min(used) - 1)
+            return self._run(min(used) - 1, rows, stop)
         finally:
             apply_policy(self.model, None)
 
 
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+
+
+def check_badness(c) -> float:
+    """How far past (> 1) or inside (< 1) its limit one check is."""
+    if c.kind == "max":
+        return c.value / c.limit if c.limit > 0 else (0.0 if c.value == 0 else np.inf)
+    gap, allowed = 1.0 - (c.value if np.isfinite(c.value) else 0.0), 1.0 - c.limit
+    return gap / allowed if allowed > 0 else (0.0 if gap <= 0 else np.inf)
+
+
 def badness(report: DriftReport) -> float:
     """How far past (> 1) or inside (< 1) its limits the worst check of a report is."""
-    worst = 0.0
-    for c in report.checks:
-        if c.kind == "max":
-            r = c.value / c.limit if c.limit > 0 else (0.0 if c.value == 0 else np.inf)
-        else:
-            gap, allowed = 1.0 - (c.value if np.isfinite(c.value) else 0.0), 1.0 - c.limit
-            r = gap / allowed if allowed > 0 else (0.0 if gap <= 0 else np.inf)
-        worst = max(worst, float(r))
-    return worst
+    return max([float(check_badness(c)) for c in report.checks], default=0.0)
+
+
+def _monotone(c) -> bool:
+    """Checks that can only get worse with more images (per-image maxima / minima, flips)."""
+    return c.metric.startswith(("per-image", "decision flips")) or (c.metric == "max abs" and c.output in MAP_OUTPUTS)
+
+
+def per_image_difficulty(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                         tolerance: float = 1.0) -> np.ndarray:
+    """Per image, how close a candidate comes to the fp16 contract's per-image limits.
+
+    max(map max abs / its limit, (1 - map correlation) / (1 - its limit)), plus the rank
+    (0..1) of the image's score change: images whose score moves most are where a ranking
+    flips first.
+    """
+    from iqe.export.fidelity import contract_for, per_image_corr
+
+    c = contract_for("fp16")
+    n = len(reference["score"])
+    a, b = np.asarray(reference["map"], np.float32), np.asarray(candidate["map"], np.float32)
+    per_abs = np.abs(a - b).reshape(n, -1).max(axis=1) / (c.map_abs * tolerance)
+    gap = (1.0 - np.nan_to_num(per_image_corr(a, b), nan=0.0)) / ((1.0 - c.map_corr) * tolerance)
+    moved = np.abs(np.asarray(reference["score"], np.float64) - np.asarray(candidate["score"], np.float64))
+    return np.maximum(per_abs, gap) + np.argsort(np.argsort(moved)) / max(1, n)
 
 
 def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | None = None,
                        tolerance: float = 1.0, threshold: tuple[str, float] | None = None, margin: float = 0.5,
-                       max_evaluations: int = 16, sensitivity_images: int = 8, sweep_images: int | None = None,
-                       source: str = "", batch: int = 8,
-                       log: Callable[[str], None] | None = None) -> tuple[PrecisionPolicy | None, DriftReport]:
+                       max_evaluations: int = 16, sensitivity_images: int = 4, sweep_images: int | None = 8,
+                       source: str = "", batch: int = 4, rounds: int = 2,
+                       log: Callable[[str], None] | None = None,
+                       keep: dict[str, Any] | None = None) -> tuple[PrecisionPolicy | None, DriftReport]:
     """The FP16 policy with the most FP16 FLOPs that passes the fp16 gate on `images`.
 
     The sweep aims at `margin` x the limits (badness <= margin, default half the room), so
     that the real FP16 kernels of ONNX Runtime / TensorRT, which round slightly differently
-    from the emulation, still pass when the chosen graph is verified. The per-block
-    sensitivity is ranked on the first `sensitivity_images` images only (a ranking, not a
-    verdict); every verdict uses all images, at most `max_evaluations` of them after the
-    first, so a ViT-L sweep costs tens of full passes, not hundreds. With `sweep_images`,
-    candidates are judged on the first `sweep_images` images only (the caller then gates
-    the chosen policy on all of them, as the export's verification does): a ViT-L sweep on
-    16 images instead of 64 costs a quarter, and the margin keeps room for the rest.
+    from the emulation, still pass when the chosen graph is verified.
 
+    Cost decides whether a ViT-L export finishes on a CPU, so the search spends full passes
+    only where they decide something:
+    1. float32 on every image (recorded: each candidate replays it up to its first FP16
+       block), then every GEMM in FP16 on every image — done if that passes the gate;
+       otherwise it tells which images are hardest (`per_image_difficulty`);
+    2. per-block sensitivity on the `sensitivity_images` hardest images;
+    3. bisection over the blocks ordered by sensitivity, then op-class refinement (MLP
+       GEMMs first), judged on a working set of the `sweep_images` hardest images (None:
+       all), each candidate stopped at the first batch where a per-image check (map max
+       abs, map correlation, decision flips) already fails;
+    4. the gate: the chosen policy on every image. Where it fails, the images that failed
+       join the working set and the search runs again with at most as many FP16 blocks
+       (`rounds` times, then on all images): no policy is accepted without the full gate.
+
+    Args:
+        keep: filled with "reference" (float32) and "candidate" (chosen policy, emulated)
+            outputs on all images, in image order, for the caller's verification to reuse.
     Returns:
-        (policy, its emulated drift report), or (None, the drift report of the best
-        candidate tried) when even the least sensitive single block fails.
+        (policy, its emulated drift report on all images), or (None, the drift report of
+        the best candidate tried) when even the least sensitive single block fails.
     """
     log = log or (lambda msg: None)
     cfg = model.cfg
     layers = cfg.vision.layers
-    all_images = images
-    subset = sweep_images is not None and sweep_images < len(images)
-    ev = PolicyEvaluator(model, images[:sweep_images] if subset else images, batch=batch)
-    small = ev if sensitivity_images >= len(ev.reference["score"]) else \
-        PolicyEvaluator(model, images[:sensitivity_images], batch)
-    evaluators = [ev]
+    n_all = len(images)
+    names = names or [str(i) for i in range(n_all)]
+    ev = PolicyEvaluator(model, images, batch=batch)
+    every = list(range(n_all))
+    everything = {b: list(FP16_OPS) for b in range(1, layers + 1)}
+    difficulty = np.zeros(n_all)
+    seen: dict[str, tuple[list[int], dict[str, np.ndarray]]] = {}  # candidate -> (rows, outputs)
 
-    def judge(blocks: dict[int, list[str]], on: PolicyEvaluator) -> DriftReport:
-        rep = compare(on.reference, on.outputs(blocks), "fp16", names[:len(on.reference["score"])] if names else None,
-                      tolerance, threshold=threshold, reference_name="torch fp32",
-                      candidate_name="torch fp16 (emulated)")
+    def key_of(blocks: dict[int, list[str]]) -> str:
+        return json.dumps(sorted((b, sorted(o)) for b, o in blocks.items() if o))
+
+    def report(blocks: dict[int, list[str]], rows: Sequence[int], got: dict[str, np.ndarray]) -> DriftReport:
+        # Judged over every calibration image, the ones not evaluated (yet) at their float32
+        # outputs: per-image checks see only the evaluated ones, and a score's Spearman counts
+        # the rank swaps a moved image makes among all images — on a working set of 8 alone,
+        # one swap would read as Spearman 0.976, a drift 64 images never show.
+        rows = list(rows)
+        full = {k: v.copy() for k, v in ev.reference.items() if k in got}
+        for k in full:
+            full[k][rows] = got[k]
+        rep = compare(ev.reference, full, "fp16", names, tolerance, threshold=threshold,
+                      reference_name="torch fp32", candidate_name="torch fp16 (emulated)")
+        if len(rows) < n_all:
+            rep.notes.append(f"evaluated on {len(rows)} of {n_all} images (the rest at their float32 outputs)")
         rep.extra["fp16_flop_fraction"] = fp16_flop_fraction(cfg, blocks)
+        rep.extra["evaluated_images"] = len(rows)
+        return rep
+
+    def judge(blocks: dict[int, list[str]], rows: Sequence[int], early: bool = True) -> DriftReport:
+        """The candidate's report on `rows` (hardest first; outputs already computed are reused)."""
+        rows = sorted(rows, key=lambda i: (-difficulty[i], i))
+        old_rows, old = seen.get(key_of(blocks), ([], {}))
+        have = {i: k for k, i in enumerate(old_rows)}
+        todo = [i for i in rows if i not in have]
+
+        def merged(done: list[int], got: dict[str, np.ndarray]) -> tuple[list[int], dict[str, np.ndarray]]:
+            reuse = [i for i in rows if i in have]
+            if not reuse:
+                return done, got
+            idx = [have[i] for i in reuse]
+            return reuse + done, {k: np.concatenate([old[k][idx], got[k]]) if done else old[k][idx] for k in old}
+
+        def stop(done: list[int], got: dict[str, np.ndarray]) -> bool:
+            r = report(blocks, *merged(done, got))
+            return early and any(_monotone(c) and check_badness(c) > margin for c in r.checks)
+
+        done, got = ev.outputs(blocks, todo, stop) if todo else ([], {})
+        all_rows, all_got = merged(done, got)
+        if done:
+            difficulty[done] = np.maximum(difficulty[done], per_image_difficulty(ev.reference_of(done), got, tolerance))
+            seen[key_of(blocks)] = (old_rows + done, {k: np.concatenate([old[k], got[k]]) if old else got[k]
+                                                      for k in got})
+        rep = report(blocks, all_rows, all_got)
+        if len(all_rows) < len(rows):
+            rep.extra["stopped_early"] = True
         return rep
 
     def ok(rep: DriftReport) -> bool:
         return rep.passed and badness(rep) <= margin
 
-    everything = {b: list(FP16_OPS) for b in range(1, layers + 1)}
-    sensitivity: dict[int, float] = {}
+    def hardest(k: int | None) -> list[int]:
+        return sorted(every, key=lambda i: (-difficulty[i], i))[:k if k else n_all]
 
-    def search(on: PolicyEvaluator) -> tuple[dict[int, list[str]] | None, DriftReport]:
-        """(the most-FP16 passing candidate or None, its report / the best failing one) judged on `on`."""
-        rep = judge(everything, on)
-        log(f"all {layers} blocks FP16 on {len(on.reference['score'])} images: badness {badness(rep):.3g}")
-        if ok(rep):
-            return everything, rep
-        if not sensitivity:
-            for b in range(1, layers + 1):
-                sensitivity[b] = badness(judge({b: list(FP16_OPS)}, small))
-            log("per-block sensitivity: " + ", ".join(f"{b}:{sensitivity[b]:.2g}" for b in order()))
-        best_rep, ranked = rep, order()
-        # Bisection: the longest prefix of the ranking that passes (k blocks in FP16).
-        lo, hi, lo_rep = 0, layers - 1, None  # the all-blocks case failed above
-        while lo < hi and on.evaluations <= max_evaluations:
-            mid = (lo + hi + 1) // 2
-            r = judge({b: list(FP16_OPS) for b in ranked[:mid]}, on)
-            if ok(r):
-                lo, lo_rep = mid, r
-            else:
-                hi = mid - 1
-        chosen, chosen_rep = {b: list(FP16_OPS) for b in ranked[:lo]}, lo_rep
-        # Refinement: op classes of the remaining blocks, least sensitive first, MLP first.
-        for b in ranked[lo:]:
-            for ops in (list(MLP_OPS), ["qkv"], ["out_proj"], ["attn_v"]):
-                if on.evaluations > max_evaluations:
-                    break
-                trial = {**chosen, b: chosen.get(b, []) + ops}
-                r = judge(trial, on)
-                if ok(r):
-                    chosen, chosen_rep = trial, r
-        if chosen_rep is None:
-            if on.evaluations < max_evaluations + 1:
-                best_rep = judge({ranked[0]: list(FP16_OPS)}, on)
-            best_rep.notes.append("no FP16 policy passes: even the least sensitive block alone drifts too far")
-            return None, best_rep
-        return chosen, chosen_rep
+    naive = judge(everything, every, early=False)
+    log(f"all {layers} blocks FP16 on {n_all} images: badness {badness(naive):.3g}")
+    chosen: dict[int, list[str]] | None = everything if ok(naive) else None
+    chosen_rep = naive
+    sensitivity: dict[int, float] = {}
+    working = sorted(hardest(sweep_images))
+    whole_blocks = layers - 1
 
     def order() -> list[int]:
         return sorted(sensitivity, key=lambda b: (sensitivity[b], b))
 
-    chosen, chosen_rep = search(ev)
-    if subset and chosen is not None:
-        # The gate on the final policy uses every calibration image; where the subset's
-        # choice does not hold on all of them, the search runs again on all of them.
-        full = PolicyEvaluator(model, all_images, batch=batch)
-        evaluators.append(full)
-        rep = judge(chosen, full)
-        log(f"chosen on {len(ev.reference['score'])} images, on all {len(all_images)}: badness {badness(rep):.3g}")
-        chosen, chosen_rep = (chosen, rep) if ok(rep) else search(full)
+    def search(rows: list[int], hi: int) -> tuple[dict[int, list[str]] | None, DriftReport | None]:
+        """(the most-FP16 candidate that passes on `rows`, its report) or (None, None); <= `hi` whole blocks."""
+        ranked, start = order(), ev.evaluations
+        lo, lo_rep = 0, None
+        while lo < hi and ev.evaluations - start <= max_evaluations:
+            mid = (lo + hi + 1) // 2
+            r = judge({b: list(FP16_OPS) for b in ranked[:mid]}, rows)
+            if ok(r):
+                lo, lo_rep = mid, r
+            else:
+                hi = mid - 1
+        found, found_rep = {b: list(FP16_OPS) for b in ranked[:lo]}, lo_rep
+        for b in ranked[lo:]:
+            for ops in (list(MLP_OPS), ["qkv"], ["out_proj"], ["attn_v"]):
+                if ev.evaluations - start > max_evaluations:
+                    break
+                trial = {**found, b: found.get(b, []) + ops}
+                r = judge(trial, rows)
+                if ok(r):
+                    found, found_rep = trial, r
+        return (found, found_rep) if found_rep is not None else (None, None)
+
     if chosen is None:
-        return None, chosen_rep
+        sens_rows = hardest(min(sensitivity_images, n_all))
+        for b in range(1, layers + 1):
+            sensitivity[b] = badness(judge({b: list(FP16_OPS)}, sens_rows, early=False))
+        log(f"per-block sensitivity on the {len(sens_rows)} hardest images: "
+            + ", ".join(f"{b}:{sensitivity[b]:.2g}" for b in order()))
+        for attempt in range(rounds + 1):
+            if attempt == rounds:
+                working = every
+            found, found_rep = search(working, whole_blocks)
+            if found is None:
+                break
+            gate = found_rep if len(working) == n_all else judge(found, every)
+            log(f"chosen on {len(working)} images ({PrecisionPolicy(found, fp16_flop_fraction(cfg, found)).describe()}), "
+                f"gate on all {n_all}: badness {badness(gate):.3g}" + (" (stopped early)" if gate.extra.get("stopped_early") else ""))
+            if ok(gate):
+                chosen, chosen_rep = found, gate
+                break
+            chosen_rep = gate
+            # Grow the working set by the hardest images outside it; search again from fewer FP16 blocks.
+            outside = [i for i in hardest(None) if i not in working]
+            working = sorted(set(working) | set(outside[:max(1, sweep_images or n_all)]))
+            whole_blocks = sum(1 for ops in found.values() if set(ops) == set(FP16_OPS))
+        if chosen is None:
+            single = judge({order()[0]: list(FP16_OPS)}, every, early=False)
+            chosen_rep = single if badness(single) < badness(chosen_rep) else chosen_rep
+            chosen_rep.notes.append("no FP16 policy passes: even the least sensitive block alone drifts too far"
+                                    if badness(single) > margin else "no FP16 policy found passes the gate on every image")
+            return None, chosen_rep
+    if keep is not None:
+        rows, got = seen[key_of(chosen)]
+        order_rows = np.argsort(rows, kind="stable")
+        keep["reference"] = ev.reference
+        keep["candidate"] = {k: v[order_rows] for k, v in got.items()}
     log(f"chosen: {PrecisionPolicy(chosen, fp16_flop_fraction(cfg, chosen)).describe()}")
     policy = PrecisionPolicy(
         blocks={b: ops for b, ops in chosen.items() if ops},
         fp16_flop_fraction=round(fp16_flop_fraction(cfg, chosen), 4),
-        calibration={"images": len(all_images), "source": source},
-        sweep={"images": len(ev.reference["score"]), "evaluations": sum(e.evaluations for e in evaluators), "sensitivity_evaluations": small.evaluations if small is not ev else 0,
-               "sensitivity_images": min(sensitivity_images, len(all_images)), "margin": margin,
-               "sensitivity": {str(b): round(s, 4) for b, s in sensitivity.items()},
+        calibration={"images": n_all, "source": source},
+        sweep={"images": len(working), "evaluations": ev.evaluations,
+               "image_forwards": round(ev.forwards, 1), "sensitivity_images": min(sensitivity_images, n_all),
+               "margin": margin, "sensitivity": {str(b): round(s, 4) for b, s in sensitivity.items()},
                "emulated": chosen_rep.summary()},
     )
     chosen_rep.extra["policy"] = policy.to_dict()["blocks"]

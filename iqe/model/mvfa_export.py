@@ -88,23 +88,27 @@ def noise_floor(model: MVFAModel, images: np.ndarray, reference: dict[str, np.nd
 
 
 def gate(model: MVFAModel, path: Path, precision: str, images: np.ndarray, names: list[str], tolerance: float,
-         policy: Any = None):
+         policy: Any = None, swept: dict | None = None):
     """The drift report of the ONNX graph at `path` in ONNX Runtime vs the float32 PyTorch model.
 
     FP16 also judges the policy with FP16 rounding emulated in PyTorch (ONNX Runtime's CPU
     provider computes FP16 GEMMs in float32, so it understates what a GPU rounds), as the
-    IQE-CLIP export does.
+    IQE-CLIP export does. `swept`: the policy sweep's float32 ("reference") and emulated
+    ("candidate") outputs on these images, used instead of recomputing them.
     """
     from iqe.export.fidelity import compare
     from iqe.export.onnx_export import NOISE_FLOOR_IMAGES, add_fp16_arithmetic_checks, onnxruntime_outputs
     from iqe.export.precision import apply_policy
 
-    reference = model_outputs(model, images)
+    swept = swept or {}
+    names_out = model.output_names()
+    reference = {k: swept["reference"][k] for k in names_out} if "reference" in swept else model_outputs(model, images)
     floor = noise_floor(model, images[:NOISE_FLOOR_IMAGES], reference)
     rep = compare(reference, onnxruntime_outputs(path, images), precision, names, tolerance, noise_floor=floor,
                   candidate_name=f"onnxruntime {precision} ({path.name})")
     if precision == "fp16" and policy is not None:
-        emulated = model_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images)
+        emulated = {k: swept["candidate"][k] for k in names_out} if "candidate" in swept else \
+            model_outputs(apply_policy(copy.deepcopy(model), policy, emulate=True), images)
         add_fp16_arithmetic_checks(rep, reference, emulated, names, tolerance)
         rep.extra["policy"] = policy.to_dict()["blocks"]
         rep.extra["fp16_flop_fraction"] = policy.fp16_flop_fraction
@@ -149,11 +153,12 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
     info = ExportInfo(precision, OPSET, c.digest(), c.image_size, max_batch)
     images = names = None
     source = ""  # no calibration images read (a given policy, no verification)
+    swept: dict = {}  # the sweep's outputs on the calibration images, reused by the gate
     if verify or (precision == "fp16" and policy is None):
         images, names, _, source = calibration_images(calib, calib_images or DEFAULT_CALIB_IMAGES[precision],
                                                       c.image_size)
     if precision == "fp16":
-        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say)
+        policy = export_policy(model, policy, images, names, source, tolerance, verify, out_dir, info, say, keep=swept)
     module = MVFAGraph(model, precision, policy).eval()
     out_names = list(module.names)
     s = c.image_size
@@ -180,7 +185,7 @@ def export_mvfa(model: MVFAModel, out_dir: str | Path, precision: str = "fp32", 
                                  f"(> {MVFA_VERIFY_ATOL[precision]})")
         assert images is not None and names is not None
         say(f"verify {path.name} on {len(images)} images against the float32 PyTorch model ...", flush=True)
-        rep = gate(model, path, precision, images, names, tolerance, policy)
+        rep = gate(model, path, precision, images, names, tolerance, policy, swept)
         rep.notes.append(f"images: {source}")
         report_path = write_drift_report(rep, out_dir, "onnxruntime", precision)
         info.drift = rep.summary()

@@ -62,7 +62,21 @@ def _score(bundle: Path, config: tuple[str, str], inputs: list[str], batch: int,
     runner = make_runner(bundle, backend, precision, engine, progress=progress)
     with runner:
         results = score_inputs(inputs, runner.infer, runner.image_size, batch, keep_maps=True, progress=progress)
-    return {r.path: r for r in results}
+    return {r.path: r for r in results}, _fp16_flop_fraction(runner)
+
+
+def _fp16_flop_fraction(runner) -> float | None:
+    """The FP16 FLOP fraction of the policy an engine runs (from its export record), if any."""
+    graph = getattr(runner, "onnx_path", None) or getattr(runner, "plan_path", None)
+    if graph is None:
+        policy = getattr(runner, "policy", None)
+        return getattr(policy, "fp16_flop_fraction", None)
+    parts = Path(graph).name.split(".")
+    record = Path(graph).parent / f"export.{parts[1] if len(parts) >= 3 else 'fp32'}.json"
+    try:
+        return json.loads(record.read_text()).get("fp16_flop_fraction")
+    except (OSError, ValueError):
+        return None
 
 
 def _plot(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], corr: np.ndarray, labels: tuple[str, str],
@@ -98,8 +112,8 @@ def run_check(bundle: Path, inputs: list[str], a: tuple[str, str], b: tuple[str,
     from iqe.atomic import atomic_write_text
     from iqe.export.fidelity import compare, per_image_corr
 
-    first = _score(bundle, a, inputs, batch, engine, progress)
-    second = _score(bundle, b, inputs, batch, engine, progress)
+    first, _ = _score(bundle, a, inputs, batch, engine, progress)
+    second, fraction = _score(bundle, b, inputs, batch, engine, progress)
     names = [p for p, r in first.items() if r.error is None and p in second and second[p].error is None]
     if not names:
         raise InputError("nothing to compare: no input was scored by both configurations")
@@ -117,6 +131,8 @@ def run_check(bundle: Path, inputs: list[str], a: tuple[str, str], b: tuple[str,
     label = (f"{a[0]} {a[1]}", f"{b[0]} {b[1]}")
     rep = compare(ref, got, b[1], names, tolerance, threshold=operating_point(bundle), reference_name=label[0],
                   candidate_name=label[1])
+    if fraction is not None and b[1] != "fp32":
+        rep.extra["fp16_flop_fraction"] = fraction  # the candidate's policy: what its speed is bought with
     skipped = sorted((set(first) | set(second)) - set(names))
     if skipped:
         rep.notes.append(f"{len(skipped)} input(s) not scored by both configurations: {', '.join(skipped[:5])}")

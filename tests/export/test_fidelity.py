@@ -133,3 +133,44 @@ def test_drift_report_round_trip(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "| map | max abs | 0.02 | <= 0.015 | NO |" in md and "a.png" in md
     assert read_drift_report(tmp_path, "tensorrt", "fp16") is None
+
+
+def test_sweep_gates_every_image_and_hands_its_outputs_to_the_verification(sensitive):
+    """The chosen policy is judged on all images (not only the working set), and the
+    outputs the sweep keeps for the export's verification equal an independent run."""
+    import copy
+
+    from iqe.export.precision import apply_policy, calibration_images, choose_fp16_policy
+
+    images, names, _, _ = calibration_images(None, 24, sensitive.cfg.image_size)
+    keep: dict = {}
+    log: list[str] = []
+    policy, rep = choose_fp16_policy(sensitive, images, names, keep=keep, log=log.append, sweep_images=8)
+    assert policy is not None and rep.images == 24 and rep.passed
+    assert any(ln.startswith("chosen on 8 images") and "gate on all 24" in ln for ln in log), log
+    with torch.no_grad():
+        want = copy.deepcopy(sensitive).float().score(torch.from_numpy(images))
+        got = apply_policy(copy.deepcopy(sensitive), policy, emulate=True).score(torch.from_numpy(images))
+    for k in ("score", "map", "map_smooth", "map_max"):
+        np.testing.assert_allclose(keep["reference"][k], want[k], atol=1e-5)
+        np.testing.assert_allclose(keep["candidate"][k], got[k], atol=1e-5)
+    again = compare(keep["reference"], keep["candidate"], "fp16", names)
+    assert again.passed and again.metrics["map"] == pytest.approx(rep.metrics["map"])
+    # Cheaper than judging every candidate on every image: well under one pass per evaluation.
+    assert policy.sweep["image_forwards"] < 24 * (2 + 0.5 * policy.sweep["evaluations"])
+
+
+def test_evaluator_replays_and_stops_early(sensitive):
+    from iqe.export.precision import FP16_OPS, PolicyEvaluator, calibration_images
+
+    images, _, _, _ = calibration_images(None, 12, sensitive.cfg.image_size)
+    ev = PolicyEvaluator(sensitive, images, batch=4)
+    with torch.no_grad():
+        plain = sensitive.score(torch.from_numpy(images[[7, 2, 5]]))
+    rows, same = ev.outputs({}, [7, 2, 5])
+    assert rows == [7, 2, 5] and np.array_equal(same["map"], ev.reference["map"][[7, 2, 5]])
+    np.testing.assert_allclose(same["map"], plain["map"], atol=1e-5)
+    before = ev.forwards
+    rows, out = ev.outputs({3: list(FP16_OPS)}, list(range(12)), stop=lambda done, got: len(done) >= 4)
+    assert rows == [0, 1, 2, 3] and len(out["score"]) == 4
+    assert ev.forwards - before == pytest.approx(4 * (1 - 2 / 4))  # blocks 1-2 replayed

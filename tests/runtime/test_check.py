@@ -60,3 +60,20 @@ def test_check_exit_1_past_limits_and_2_on_bad_config(tmp_path, monkeypatch, cap
         main(["check", "--model", str(bundle), str(folder), "--b", "onnx:fp16", "--out", str(tmp_path / "o2")])
     assert exc.value.code == 2
     assert "unknown backend 'onnx' in 'onnx:fp16'; known: torch, onnxruntime, tensorrt" in capsys.readouterr().err
+
+
+def test_check_reports_the_fp16_engines_policy_flops(tiny_model, tmp_path, monkeypatch, capsys):
+    from iqe.model.bundle import save_bundle
+
+    monkeypatch.setenv("IQE_CACHE", str(tmp_path / "cache"))
+    bundle = save_bundle(tiny_model, tmp_path / "bundle")
+    write_test_images(tmp_path / "imgs")
+    rc = main(["check", "--model", str(bundle), str(tmp_path / "imgs"), "--b", "onnxruntime:fp16",
+               "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "check.json").read_text())
+    records = list((tmp_path / "cache").rglob("export.fp16.json"))
+    assert len(records) == 1
+    want = json.loads(records[0].read_text())["fp16_flop_fraction"]
+    assert data["extra"]["fp16_flop_fraction"] == want >= 0.5
+    assert f"fp16 FLOPs {100 * want:.0f}%" in capsys.readouterr().err
