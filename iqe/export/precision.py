@@ -401,9 +401,14 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
         all_rows, all_got = merged(done, got)
         if done:
             difficulty[done] = np.maximum(difficulty[done], per_image_difficulty(ev.reference_of(done), got, tolerance))
+        rep = report(blocks, all_rows, all_got)
+        if done and ok(rep):
+            # Only passing candidates are judged again (the gate) or kept; a ViT-L sweep's maps
+            # are ~120 MB per candidate, so the last few are all that is held.
             seen[key_of(blocks)] = (old_rows + done, {k: np.concatenate([old[k], got[k]]) if old else got[k]
                                                       for k in got})
-        rep = report(blocks, all_rows, all_got)
+            for stale in list(seen)[:-2]:
+                del seen[stale]
         if len(all_rows) < len(rows):
             rep.extra["stopped_early"] = True
         return rep
@@ -477,7 +482,7 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
                                     if badness(single) > margin else "no FP16 policy found passes the gate on every image")
             return None, chosen_rep
     if keep is not None:
-        rows, got = seen[key_of(chosen)]
+        rows, got = seen.get(key_of(chosen)) or ev.outputs(chosen)
         order_rows = np.argsort(rows, kind="stable")
         keep["reference"] = ev.reference
         keep["candidate"] = {k: v[order_rows] for k, v in got.items()}
