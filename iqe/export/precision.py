@@ -358,6 +358,8 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
     everything = {b: list(FP16_OPS) for b in range(1, layers + 1)}
     difficulty = np.zeros(n_all)
     seen: dict[str, tuple[list[int], dict[str, np.ndarray]]] = {}  # candidate -> (rows, outputs)
+    rejected: dict[str, DriftReport] = {}  # candidates that failed the gate -> that report
+    last: dict[str, Any] = {}  # rows and outputs of the latest judged candidate
 
     def key_of(blocks: dict[int, list[str]]) -> str:
         return json.dumps(sorted((b, sorted(o)) for b, o in blocks.items() if o))
@@ -381,6 +383,8 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
 
     def judge(blocks: dict[int, list[str]], rows: Sequence[int], early: bool = True) -> DriftReport:
         """The candidate's report on `rows` (hardest first; outputs already computed are reused)."""
+        if key_of(blocks) in rejected:  # failed the gate on every image: never passes on a subset
+            return rejected[key_of(blocks)]
         rows = sorted(rows, key=lambda i: (-difficulty[i], i))
         old_rows, old = seen.get(key_of(blocks), ([], {}))
         have = {i: k for k, i in enumerate(old_rows)}
@@ -402,6 +406,7 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
         if done:
             difficulty[done] = np.maximum(difficulty[done], per_image_difficulty(ev.reference_of(done), got, tolerance))
         rep = report(blocks, all_rows, all_got)
+        last["rows"], last["outputs"] = all_rows, all_got
         if done and ok(rep):
             # Only passing candidates are judged again (the gate) or kept; a ViT-L sweep's maps
             # are ~120 MB per candidate, so the last few are all that is held.
@@ -470,10 +475,15 @@ def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | 
             if ok(gate):
                 chosen, chosen_rep = found, gate
                 break
-            chosen_rep = gate
-            # Grow the working set by the hardest images outside it; search again from fewer FP16 blocks.
-            outside = [i for i in hardest(None) if i not in working]
-            working = sorted(set(working) | set(outside[:max(1, sweep_images or n_all)]))
+            chosen_rep = rejected[key_of(found)] = gate
+            # Grow the working set: the hardest images outside it (per-image checks) and the
+            # ones whose score the rejected candidate moved most (the ranking check).
+            k = max(1, (sweep_images or n_all) // 2)
+            outside = [i for i in hardest(None) if i not in working][:k]
+            moved = np.abs(np.asarray(last["outputs"]["score"], np.float64) -
+                           np.asarray(ev.reference["score"], np.float64)[last["rows"]])
+            movers = [last["rows"][j] for j in np.argsort(-moved) if last["rows"][j] not in working][:k]
+            working = sorted(set(working) | set(outside) | set(movers))
             whole_blocks = sum(1 for ops in found.values() if set(ops) == set(FP16_OPS))
         if chosen is None:
             single = judge({order()[0]: list(FP16_OPS)}, every, early=False)
