@@ -318,7 +318,7 @@ def per_image_difficulty(reference: dict[str, np.ndarray], candidate: dict[str, 
 def choose_fp16_policy(model: nn.Module, images: np.ndarray, names: list[str] | None = None,
                        tolerance: float = 1.0, threshold: tuple[str, float] | None = None, margin: float = 0.5,
                        max_evaluations: int = 16, sensitivity_images: int = 4, sweep_images: int | None = 8,
-                       source: str = "", batch: int = 4, rounds: int = 2,
+                       source: str = "", batch: int = 4, rounds: int = 4,
                        log: Callable[[str], None] | None = None,
                        keep: dict[str, Any] | None = None) -> tuple[PrecisionPolicy | None, DriftReport]:
     """The FP16 policy with the most FP16 FLOPs that passes the fp16 gate on `images`.
