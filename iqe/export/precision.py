@@ -176,13 +176,12 @@ def calibration_images(calib: str | Path | None, n: int, size: int, seed: int = 
 class _Replay(nn.Module):
     """Stands in for a float32 block before the first FP16 block: returns its recorded output."""
 
-    def __init__(self, outputs: list[torch.Tensor]):
+    def __init__(self):
         super().__init__()
-        self.outputs = outputs
-        self.batch = 0
+        self.output: torch.Tensor | None = None  # set per batch by PolicyEvaluator._run
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.outputs[self.batch]
+        return self.output
 
 
 def _model_outputs(model: nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -232,7 +231,7 @@ class PolicyEvaluator:
     def _run(self, start: int, rows: list[int], stop: Callable[[list[int], dict], bool] | None = None
              ) -> tuple[list[int], dict[str, np.ndarray]]:
         resblocks = self.model.visual.transformer.resblocks
-        replays = [_Replay([]) for _ in range(start)]
+        replays = [_Replay() for _ in range(start)]
         for i, r in enumerate(replays):
             resblocks[i] = r
         parts: list[dict[str, np.ndarray]] = []
@@ -242,7 +241,7 @@ class PolicyEvaluator:
                 for k in range(0, len(rows), self.batch):
                     chunk = rows[k:k + self.batch]
                     for i, r in enumerate(replays):
-                        r.outputs, r.batch = [torch.cat([self.recorded[i][j] for j in chunk])], 0
+                        r.output = torch.cat([self.recorded[i][j] for j in chunk])
                     parts.append(_model_outputs(self.model, self.images[chunk]))
                     done += chunk
                     self.forwards += len(chunk) * (1 - start / max(1, len(self.blocks)))

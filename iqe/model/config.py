@@ -51,8 +51,19 @@ class IQMConfig:
     layer_norm_eps: float = 1e-12  # BERT-style LayerNorm epsilon
 
 
+class JsonConfig:
+    """to_json / digest for a model config dataclass with `to_dict()` (every family's config)."""
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: identifies the architecture in engine manifests."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
-class IQEConfig:
+class IQEConfig(JsonConfig):
     name: str = "vit-l-14-336"  # preset name or a free label
     image_size: int = 240  # input side; the reference evaluates at 240 px
     embed_dim: int = 768  # CLIP joint embedding width
@@ -116,13 +127,6 @@ class IQEConfig:
     # -- JSON ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def digest(self) -> str:
-        """sha256 of the canonical JSON: identifies the architecture in engine manifests."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "IQEConfig":

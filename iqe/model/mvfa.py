@@ -20,8 +20,6 @@ and the fused values `score`, `map` (= `map_smooth`; MVFA does not smooth), `map
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqe.errors import InputError, WeightsError
-from iqe.model.config import IQEConfig, TextConfig, VisionConfig, _from_dict
+from iqe.model.config import IQEConfig, JsonConfig, TextConfig, VisionConfig, _from_dict
 from iqe.model.layers import LayerNormFp32, Transformer, causal_mask
 
 FAMILY = "mvfa"
@@ -63,7 +61,7 @@ TEMPLATES = (
 
 
 @dataclass
-class MVFAConfig:
+class MVFAConfig(JsonConfig):
     name: str = "mvfa-vit-l-14-336"
     image_size: int = 240
     embed_dim: int = 768  # CLIP joint width = adapter bottleneck
@@ -115,12 +113,6 @@ class MVFAConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return {"family": data.pop("family"), **data}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MVFAConfig":
